@@ -1,0 +1,5 @@
+//! dfdx models, datasets, trainer and experiments for Budgeted Broadcast, and the command-line
+//! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
+
+pub mod cli_mask;
+pub mod npy;
