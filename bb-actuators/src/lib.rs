@@ -1,1 +1,34 @@
-//! placeholder
+//! Selection kernels of Budgeted Broadcast.
+//!
+//! This crate is the framework-free bottom layer of the engine. It knows the
+//! masked-layer model of the method (an `[out, in]` edge matrix, optional kernel dims,
+//! a 1-bit-per-edge mask) and turns per-slab degree targets into masks:
+//!
+//! * **SP-in** keeps the `k_j` strongest entries of row `j` (the fan-in of output unit `j`);
+//! * **SP-out** keeps the `k_j` strongest entries of column `j` (the fan-out, into this
+//!   layer, of input unit `j`).
+//!
+//! Scores are kernel-summed magnitudes `S[o,i] = sum |W[o,i,..]|`; dead edges are scored by
+//! the value they had when they died (the shadow store), so with regrowth a dead edge
+//! returns once the live ones shrink below it. Ties break toward the lower index, so masks
+//! are deterministic. Selection is O(n) per slab (`select_nth_unstable` on packed keys,
+//! never a sort), runs in parallel over slabs, and reuses caller-owned scratch.
+//!
+//! bb-core builds the activity trackers, budget policies and the pruner on top of this.
+
+#![warn(missing_docs)]
+
+mod actuator;
+mod error;
+mod mask;
+mod select;
+mod shape;
+
+pub use actuator::{
+    apply_targets, rescale_factors, sync_weights, zero_dead, Actuator, ActuatorScratch, Rescale,
+    Side, SyncStats,
+};
+pub use error::ActuatorError;
+pub use mask::BitMask;
+pub use select::{key_of, select_top_k, threshold_key, NOT_A_CANDIDATE};
+pub use shape::{edge_scores, EdgeShape};

@@ -1,0 +1,209 @@
+use serde::{Deserialize, Serialize};
+
+/// A binary mask over an `[rows, cols]` edge matrix, stored at 1 bit per edge.
+///
+/// Each row starts on a fresh `u64` word so that rows can be processed independently (and
+/// in parallel); the padding bits at the end of a row are always zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitMask {
+    rows: usize,
+    cols: usize,
+    words_per_row: usize,
+    bits: Vec<u64>,
+}
+
+impl BitMask {
+    /// A mask with every edge live.
+    pub fn full(rows: usize, cols: usize) -> Self {
+        let mut m = Self::empty(rows, cols);
+        for r in 0..rows {
+            m.fill_row(r, true);
+        }
+        m
+    }
+
+    /// A mask with every edge dead.
+    pub fn empty(rows: usize, cols: usize) -> Self {
+        let words_per_row = cols.div_ceil(64);
+        Self {
+            rows,
+            cols,
+            words_per_row,
+            bits: vec![0; rows * words_per_row],
+        }
+    }
+
+    /// Builds a mask from 0/1 bytes in row-major order (any non-zero byte is live).
+    ///
+    /// Returns `None` if `values.len() != rows * cols`.
+    pub fn from_bytes(rows: usize, cols: usize, values: &[u8]) -> Option<Self> {
+        if values.len() != rows * cols {
+            return None;
+        }
+        let mut m = Self::empty(rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                if values[r * cols + c] != 0 {
+                    m.set(r, c, true);
+                }
+            }
+        }
+        Some(m)
+    }
+
+    /// The mask as 0/1 bytes in row-major order.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                out.push(u8::from(self.get(r, c)));
+            }
+        }
+        out
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Number of `u64` words per row.
+    pub fn words_per_row(&self) -> usize {
+        self.words_per_row
+    }
+
+    /// Bytes used by the bit storage.
+    pub fn storage_bytes(&self) -> usize {
+        self.bits.len() * 8
+    }
+
+    /// Whether edge `(r, c)` is live.
+    #[inline]
+    pub fn get(&self, r: usize, c: usize) -> bool {
+        debug_assert!(r < self.rows && c < self.cols);
+        (self.bits[r * self.words_per_row + c / 64] >> (c % 64)) & 1 == 1
+    }
+
+    /// Sets edge `(r, c)`.
+    #[inline]
+    pub fn set(&mut self, r: usize, c: usize, live: bool) {
+        debug_assert!(r < self.rows && c < self.cols);
+        let w = &mut self.bits[r * self.words_per_row + c / 64];
+        let b = 1u64 << (c % 64);
+        if live {
+            *w |= b;
+        } else {
+            *w &= !b;
+        }
+    }
+
+    /// Sets every edge of row `r`.
+    pub fn fill_row(&mut self, r: usize, live: bool) {
+        let cols = self.cols;
+        fill_words(self.row_words_mut(r), cols, live);
+    }
+
+    /// The words of row `r`.
+    #[inline]
+    pub fn row_words(&self, r: usize) -> &[u64] {
+        &self.bits[r * self.words_per_row..(r + 1) * self.words_per_row]
+    }
+
+    /// The words of row `r`, mutably. Callers must keep the padding bits zero.
+    #[inline]
+    pub fn row_words_mut(&mut self, r: usize) -> &mut [u64] {
+        &mut self.bits[r * self.words_per_row..(r + 1) * self.words_per_row]
+    }
+
+    /// All words, row after row (for parallel per-row processing with `chunks_mut`).
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.bits
+    }
+
+    /// All words, row after row.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// Live edges in row `r` (the fan-in of output unit `r`).
+    pub fn row_count(&self, r: usize) -> usize {
+        self.row_words(r)
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// Live edges in column `c` (the fan-out of input unit `c` into this layer).
+    pub fn col_count(&self, c: usize) -> usize {
+        (0..self.rows).filter(|&r| self.get(r, c)).count()
+    }
+
+    /// Writes the live count of every row into `out` (`len == rows`).
+    pub fn row_counts_into(&self, out: &mut [u32]) {
+        for (r, o) in out.iter_mut().enumerate().take(self.rows) {
+            *o = self.row_count(r) as u32;
+        }
+    }
+
+    /// Writes the live count of every column into `out` (`len == cols`).
+    pub fn col_counts_into(&self, out: &mut [u32]) {
+        out.iter_mut().for_each(|x| *x = 0);
+        for r in 0..self.rows {
+            for (wi, &w) in self.row_words(r).iter().enumerate() {
+                let mut w = w;
+                while w != 0 {
+                    let b = w.trailing_zeros() as usize;
+                    out[wi * 64 + b] += 1;
+                    w &= w - 1;
+                }
+            }
+        }
+    }
+
+    /// Total live edges.
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Live fraction of edges (1 for an empty shape).
+    pub fn density(&self) -> f64 {
+        let n = self.rows * self.cols;
+        if n == 0 {
+            1.0
+        } else {
+            self.count() as f64 / n as f64
+        }
+    }
+
+    /// Number of edges whose state differs between `self` and `other` (same shape).
+    pub fn hamming(&self, other: &BitMask) -> usize {
+        debug_assert_eq!((self.rows, self.cols), (other.rows, other.cols));
+        self.bits
+            .iter()
+            .zip(&other.bits)
+            .map(|(a, b)| (a ^ b).count_ones() as usize)
+            .sum()
+    }
+}
+
+/// Sets the first `cols` bits of `words` to `live` and the padding bits to zero.
+pub(crate) fn fill_words(words: &mut [u64], cols: usize, live: bool) {
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = if !live {
+            0
+        } else {
+            let lo = i * 64;
+            let n = cols.saturating_sub(lo).min(64);
+            if n == 64 {
+                u64::MAX
+            } else {
+                (1u64 << n) - 1
+            }
+        };
+    }
+}

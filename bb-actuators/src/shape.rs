@@ -1,0 +1,152 @@
+use crate::{ActuatorError, BitMask};
+use serde::{Deserialize, Serialize};
+
+/// Shape of a masked layer: an `[out, in]` edge matrix, optionally with kernel dims.
+///
+/// Weights are stored row-major as `[out, in, kernel...]` (dfdx and PyTorch layout). One
+/// edge is one `(out, in)` pair; its mask bit is broadcast over the `kernel_len()` weights
+/// of its kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeShape {
+    /// Output units (rows).
+    pub out: usize,
+    /// Input units (columns).
+    pub inp: usize,
+    /// Kernel dims (`[]` for a dense layer, `[kh, kw]` or `[kd, kh, kw]` for convolutions).
+    #[serde(default)]
+    pub kernel: Vec<usize>,
+}
+
+impl EdgeShape {
+    /// A dense `[out, in]` layer.
+    pub fn dense(out: usize, inp: usize) -> Self {
+        Self {
+            out,
+            inp,
+            kernel: Vec::new(),
+        }
+    }
+
+    /// A convolution `[out, in, kernel...]`.
+    pub fn conv(out: usize, inp: usize, kernel: &[usize]) -> Self {
+        Self {
+            out,
+            inp,
+            kernel: kernel.to_vec(),
+        }
+    }
+
+    /// Builds the shape from the dims of a weight tensor `[out, in, kernel...]`.
+    pub fn from_weight_dims(dims: &[usize]) -> Result<Self, ActuatorError> {
+        if dims.len() < 2 {
+            return Err(ActuatorError::Shape(format!(
+                "a weight tensor needs at least 2 dims [out, in], got {dims:?}"
+            )));
+        }
+        let s = Self::conv(dims[0], dims[1], &dims[2..]);
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks that no dim is zero.
+    pub fn validate(&self) -> Result<(), ActuatorError> {
+        if self.out == 0 || self.inp == 0 || self.kernel.contains(&0) {
+            return Err(ActuatorError::Shape(format!(
+                "dims must be positive, got out={} in={} kernel={:?}",
+                self.out, self.inp, self.kernel
+            )));
+        }
+        Ok(())
+    }
+
+    /// Number of edges, `out * in`.
+    pub fn edges(&self) -> usize {
+        self.out * self.inp
+    }
+
+    /// Weights per edge (the product of the kernel dims; 1 for a dense layer).
+    pub fn kernel_len(&self) -> usize {
+        self.kernel.iter().product()
+    }
+
+    /// Number of weights, `out * in * kernel_len`.
+    pub fn weight_len(&self) -> usize {
+        self.edges() * self.kernel_len()
+    }
+
+    /// Number of slabs on `side` (rows for SP-in, columns for SP-out).
+    pub fn slabs(&self, side: crate::Side) -> usize {
+        match side {
+            crate::Side::Rows => self.out,
+            crate::Side::Columns => self.inp,
+        }
+    }
+
+    /// Full (dense) degree `D` of a slab on `side`.
+    pub fn slab_len(&self, side: crate::Side) -> usize {
+        match side {
+            crate::Side::Rows => self.inp,
+            crate::Side::Columns => self.out,
+        }
+    }
+}
+
+/// Writes the edge scores of a layer into `scores` (`[out * in]`, row-major).
+///
+/// `S[o,i] = sum over the kernel of |W[o,i,..]|` for live edges and the same sum over the
+/// shadow store for dead ones, so a dead edge competes with the value it had when it died.
+/// Fails on a length mismatch or a non-finite weight (naming the buffer and index).
+pub fn edge_scores(
+    shape: &EdgeShape,
+    weights: &[f32],
+    shadow: &[f32],
+    mask: &BitMask,
+    scores: &mut [f32],
+) -> Result<(), ActuatorError> {
+    let kl = shape.kernel_len();
+    check_len("weights", shape.weight_len(), weights.len())?;
+    check_len("shadow", shape.weight_len(), shadow.len())?;
+    check_len("scores", shape.edges(), scores.len())?;
+    if mask.rows() != shape.out || mask.cols() != shape.inp {
+        return Err(ActuatorError::Shape(format!(
+            "mask is [{}, {}] but the layer is [{}, {}]",
+            mask.rows(),
+            mask.cols(),
+            shape.out,
+            shape.inp
+        )));
+    }
+    for o in 0..shape.out {
+        let row = o * shape.inp;
+        for i in 0..shape.inp {
+            let e = row + i;
+            let src = if mask.get(o, i) { weights } else { shadow };
+            let w = &src[e * kl..(e + 1) * kl];
+            let mut s = 0.0f32;
+            for &x in w {
+                s += x.abs();
+            }
+            if !s.is_finite() {
+                let what = if mask.get(o, i) { "weights" } else { "shadow" };
+                let bad = w.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                return Err(ActuatorError::NonFinite {
+                    what: what.into(),
+                    index: e * kl + bad,
+                });
+            }
+            scores[e] = s;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<(), ActuatorError> {
+    if expected != got {
+        return Err(ActuatorError::Length {
+            what: what.into(),
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
