@@ -271,15 +271,16 @@ fn layer_scope() -> MagnitudeScope {
 impl Gmp {
     /// Density at step `t`.
     pub fn density_at(&self, t: u64, t0: u64, t1: u64) -> f64 {
-        let (si, sf) = (1.0 - self.initial_density, 1.0 - self.target_density);
+        let (di, df) = (self.initial_density, self.target_density);
         if t <= t0 {
-            return 1.0 - si;
+            return di;
         }
         if t >= t1 {
-            return 1.0 - sf;
+            return df;
         }
+        // 1 - s_t with s = 1 - density: d_f + (d_i - d_f) (1 - p)^3.
         let p = (t - t0) as f64 / (t1 - t0) as f64;
-        1.0 - (sf + (si - sf) * (1.0 - p).powi(3))
+        df + (di - df) * (1.0 - p).powi(3)
     }
 }
 
