@@ -363,6 +363,76 @@ impl Pruner {
         Ok(())
     }
 
+    /// Sets the on-rates of a population directly (from a tracker outside the engine, or an
+    /// exported activity vector). Values must be finite and in `[0, 1]`.
+    pub fn set_activity(&mut self, population: &str, rates: &[f64]) -> Result<(), BbError> {
+        let err = |msg: String| BbError::Population {
+            population: population.into(),
+            msg,
+        };
+        let p = self
+            .topology
+            .pop_index(population)
+            .ok_or_else(|| err("no such population".into()))?;
+        let st = &mut self.populations[p];
+        if rates.len() != st.rate.len() {
+            return Err(err(format!(
+                "{} activities given for {} units",
+                rates.len(),
+                st.rate.len()
+            )));
+        }
+        if let Some(i) = rates.iter().position(|a| !(0.0..=1.0).contains(a)) {
+            return Err(err(format!(
+                "activity {} at index {i} is not in [0, 1]",
+                rates[i]
+            )));
+        }
+        st.rate.copy_from_slice(rates);
+        st.observations = st.observations.max(1);
+        Ok(())
+    }
+
+    /// Replaces the mask of layer `l` (e.g. one loaded from a file). The weights of edges that
+    /// die move to the shadow store and are zeroed in `weights`; edges that come back get their
+    /// stored values.
+    pub fn set_mask(
+        &mut self,
+        l: usize,
+        mask: BitMask,
+        weights: &mut [f32],
+    ) -> Result<(), BbError> {
+        let name = self
+            .topology
+            .layers
+            .get(l)
+            .map(|s| s.name.clone())
+            .ok_or_else(|| BbError::layer(l.to_string(), "no such layer index"))?;
+        let st = &mut self.layers[l];
+        if mask.rows() != st.shape.out || mask.cols() != st.shape.inp {
+            return Err(BbError::layer(
+                &name,
+                format!(
+                    "mask is [{}, {}], the layer is [{}, {}]",
+                    mask.rows(),
+                    mask.cols(),
+                    st.shape.out,
+                    st.shape.inp
+                ),
+            ));
+        }
+        if !st.prune {
+            return Err(BbError::layer(&name, "the layer is not pruned"));
+        }
+        sync_weights(&st.shape, &st.mask, &mask, weights, &mut st.shadow, false)
+            .map_err(|e| BbError::from_actuator(&name, e))?;
+        st.mask = mask;
+        if let Some(scale) = st.scale.as_mut() {
+            rescale_factors(st.actuator.rescale(), &st.mask, scale);
+        }
+        Ok(())
+    }
+
     /// The on-rates of a population (the initial rate until it has been observed).
     pub fn activity(&self, population: &str) -> Option<&[f64]> {
         self.topology
