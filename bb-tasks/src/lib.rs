@@ -2,4 +2,11 @@
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
 pub mod cli_mask;
+pub mod config;
+pub mod data;
+pub mod io;
+pub mod measure;
+pub mod model;
 pub mod npy;
+pub mod optim;
+pub mod trainer;

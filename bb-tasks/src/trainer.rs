@@ -1,0 +1,567 @@
+//! The seeded trainer: minibatches, the optimizer, the pruner on its schedule, evaluation every
+//! epoch, `metrics.jsonl`, and checkpoints that resume to bit-identical results.
+//!
+//! One step, in order (each arrow is one call):
+//! forward + backward ([`Mlp::train_step`]) -> `pruner.observe` (the activations of that same
+//! forward pass) -> `pruner.mask_gradients` -> optimizer update -> `pruner.step` (refreshes on
+//! schedule, editing the weights in place) -> `pruner.apply_mask` -> SP-in factors ->
+//! [`Mlp::sync_to_device`].
+//!
+//! A run folder holds `metrics.jsonl` (one line per epoch), `refreshes.jsonl` (one line per
+//! refresh), `checkpoints/` and, once finished, `final.json`.
+
+use crate::config::RunSpec;
+use crate::data::{Dataset, Split};
+use crate::io::{safetensors_bytes, write_atomic, NamedTensor, TensorFile};
+use crate::measure::{self, GroupTraffic, LayerStats, PopulationStats};
+use crate::model::Mlp;
+use crate::optim::Optimizer;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use bb_core::{Activations, Pruner, RefreshReport};
+use dfdx::prelude::Device;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Metrics of one epoch (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Completed optimizer steps.
+    pub step: u64,
+    /// Learning rate of the epoch's last step.
+    pub lr: f32,
+    /// Mean training loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Mean cross-entropy on the evaluation set.
+    pub test_loss: f64,
+    /// Accuracy on the evaluation set.
+    pub test_acc: f64,
+    /// Recall on the flagged evaluation samples (DNF: rare-decided positives).
+    pub flagged_recall: Option<f64>,
+    /// Live edges / edges over the pruned layers (1 without a pruner).
+    pub density: f64,
+    /// Refreshes so far.
+    pub refreshes: usize,
+    /// Mean churn of the epoch's refreshes.
+    pub churn: Option<f64>,
+    /// Seconds since the run started (not part of the reproducible results).
+    pub wall_s: f64,
+}
+
+/// A refresh, condensed (a line of `refreshes.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefreshLine {
+    /// Epoch it happened in.
+    pub epoch: usize,
+    /// The engine's report.
+    pub report: RefreshReport,
+}
+
+/// Final measurements of a run (`final.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Arm name.
+    pub arm: String,
+    /// Seed.
+    pub seed: u64,
+    /// MLP widths.
+    pub widths: Vec<usize>,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Final evaluation accuracy.
+    pub test_acc: f64,
+    /// Final evaluation loss.
+    pub test_loss: f64,
+    /// Accuracy per class.
+    pub per_class_acc: Vec<f64>,
+    /// Recall on the flagged evaluation samples.
+    pub flagged_recall: Option<f64>,
+    /// Live edges / edges over the pruned layers.
+    pub density: f64,
+    /// Per-layer sparsity.
+    pub layers: Vec<LayerStats>,
+    /// Per-population activity measurements (input and hidden layers).
+    pub populations: Vec<PopulationStats>,
+    /// Traffic of the input feature groups.
+    pub input_traffic: Vec<GroupTraffic>,
+    /// Refreshes run.
+    pub refreshes: usize,
+    /// Training wall time, seconds (not reproducible).
+    pub wall_s: f64,
+}
+
+/// Everything a checkpoint stores besides tensors and the pruner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    arm: String,
+    seed: u64,
+    epoch: usize,
+    step: u64,
+    optimizer_steps: u64,
+    shuffle_rng: ChaCha8Rng,
+    metrics: Vec<EpochMetrics>,
+    refreshes: Vec<RefreshLine>,
+    last_targets: Vec<Option<f64>>,
+    wall_s: f64,
+}
+
+/// How a run is driven.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Stop after this epoch (a checkpoint is written there), to be resumed later.
+    pub stop_after_epoch: Option<usize>,
+    /// Called after every step with the number of steps done in this call.
+    pub progress: Option<indicatif::ProgressBar>,
+}
+
+/// What a call to [`train`] ended with.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// The run finished; `final.json` is written.
+    Finished(Box<RunResult>),
+    /// Stopped early on request, with a checkpoint at this epoch.
+    Stopped(usize),
+}
+
+/// The checkpoint folder's pointer file.
+const LATEST: &str = "LATEST";
+
+fn ckpt_root(dir: &Path) -> PathBuf {
+    dir.join("checkpoints")
+}
+
+/// Path of the latest complete checkpoint of a run folder, if any.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    let p = ckpt_root(dir).join(LATEST);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let name = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let c = ckpt_root(dir).join(name.trim());
+    ensure!(
+        c.is_dir(),
+        "{} names {}, which does not exist",
+        p.display(),
+        c.display()
+    );
+    Ok(Some(c))
+}
+
+/// Loads the final pruner of a finished or checkpointed run (for comparisons).
+pub fn load_pruner(checkpoint: &Path) -> Result<Option<Pruner>> {
+    let p = checkpoint.join("pruner.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(Some(
+        Pruner::from_json(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?,
+    ))
+}
+
+/// Reads a run's `metrics.jsonl`.
+pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>> {
+    let p = dir.join("metrics.jsonl");
+    let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad line in {}", p.display())))
+        .collect()
+}
+
+struct Evaluation {
+    loss: f64,
+    acc: f64,
+    per_class: Vec<f64>,
+    flagged_recall: Option<f64>,
+    hidden: Vec<Vec<f32>>,
+}
+
+fn evaluate<D: Device<f32>>(
+    model: &Mlp<D>,
+    data: &Dataset,
+    keep_hidden: bool,
+) -> Result<Evaluation> {
+    const CHUNK: usize = 1024;
+    let k = data.classes;
+    let mut loss = 0.0;
+    let mut correct = vec![0usize; k];
+    let mut count = vec![0usize; k];
+    let (mut fl_hit, mut fl_n) = (0usize, 0usize);
+    let mut hidden: Vec<Vec<f32>> = vec![Vec::new(); model.num_layers() - 1];
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + CHUNK).min(data.len());
+        let b = end - start;
+        let out = model.forward(&data.x[start * data.features..end * data.features], b)?;
+        for r in 0..b {
+            let z = &out.logits[r * k..(r + 1) * k];
+            let y = data.y[start + r];
+            let mx = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = mx + z.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+            loss += lse - z[y] as f64;
+            // argmax, ties to the lower class
+            let pred = (0..k).fold(0, |best, c| if z[c] > z[best] { c } else { best });
+            count[y] += 1;
+            correct[y] += (pred == y) as usize;
+            if data.flagged.get(start + r).copied().unwrap_or(false) {
+                fl_n += 1;
+                fl_hit += (pred == y) as usize;
+            }
+        }
+        if keep_hidden {
+            for (h, o) in hidden.iter_mut().zip(out.hidden) {
+                h.extend_from_slice(&o);
+            }
+        }
+        start = end;
+    }
+    let n = data.len() as f64;
+    Ok(Evaluation {
+        loss: loss / n,
+        acc: correct.iter().sum::<usize>() as f64 / n,
+        per_class: (0..k)
+            .map(|c| correct[c] as f64 / count[c].max(1) as f64)
+            .collect(),
+        flagged_recall: (fl_n > 0).then(|| fl_hit as f64 / fl_n as f64),
+        hidden,
+    })
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&serde_json::to_string(r)?);
+        s.push('\n');
+    }
+    write_atomic(path, s.as_bytes())
+}
+
+fn save_checkpoint<D: Device<f32>>(
+    dir: &Path,
+    model: &Mlp<D>,
+    opt: &Optimizer,
+    pruner: Option<&Pruner>,
+    state: &TrainState,
+) -> Result<()> {
+    let root = ckpt_root(dir);
+    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let name = format!("epoch-{:04}", state.epoch);
+    let tmp = root.join(format!("{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp)?;
+    let meta = HashMap::from([
+        ("epoch".to_string(), state.epoch.to_string()),
+        ("step".to_string(), state.step.to_string()),
+        ("widths".to_string(), format!("{:?}", model.widths())),
+    ]);
+    let mut tensors = Vec::new();
+    for l in 0..model.num_layers() {
+        let (o, i) = (model.widths()[l + 1], model.widths()[l]);
+        tensors.push(NamedTensor {
+            name: format!("{}.weight", crate::model::layer_name(l)),
+            shape: vec![o, i],
+            data: model.weights(l).to_vec(),
+        });
+        tensors.push(NamedTensor {
+            name: format!("{}.bias", crate::model::layer_name(l)),
+            shape: vec![o],
+            data: model.bias(l).to_vec(),
+        });
+    }
+    write_atomic(
+        &tmp.join("model.safetensors"),
+        &safetensors_bytes(&tensors, &meta)?,
+    )?;
+    let opt_tensors: Vec<NamedTensor> = opt
+        .state_buffers()
+        .into_iter()
+        .map(|(name, d)| NamedTensor {
+            name,
+            shape: vec![d.len()],
+            data: d.to_vec(),
+        })
+        .collect();
+    write_atomic(
+        &tmp.join("optimizer.safetensors"),
+        &safetensors_bytes(&opt_tensors, &meta)?,
+    )?;
+    if let Some(p) = pruner {
+        let json = p.to_json().map_err(|e| anyhow!("pruner state: {e}"))?;
+        write_atomic(&tmp.join("pruner.json"), json.as_bytes())?;
+    }
+    write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string(state)?.as_bytes(),
+    )?;
+    let dst = root.join(&name);
+    if dst.exists() {
+        fs::remove_dir_all(&dst)?;
+    }
+    fs::rename(&tmp, &dst)
+        .with_context(|| format!("cannot move checkpoint to {}", dst.display()))?;
+    write_atomic(&root.join(LATEST), name.as_bytes())?;
+    // keep only the latest checkpoint
+    for e in fs::read_dir(&root)? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() && n != name {
+            fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Trains one run in `dir` (created if needed), resuming from its latest checkpoint if there is
+/// one. `split` must be the data of `spec.seed`.
+pub fn train<D: Device<f32>>(
+    dev: &D,
+    spec: &RunSpec,
+    split: &Split,
+    dir: &Path,
+    opts: &RunOptions,
+) -> Result<RunOutcome> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let widths = &spec.widths;
+    let n_layers = widths.len() - 1;
+    let t = &spec.train;
+    let n_train = split.train.len();
+    ensure!(
+        split.train.features == widths[0] && split.train.classes == widths[n_layers],
+        "data does not match the model widths {widths:?}"
+    );
+    let steps_per_epoch = t.steps_per_epoch(n_train);
+    let mut model = Mlp::new(dev, widths, spec.seed)?;
+    let sizes: Vec<usize> = (0..n_layers)
+        .flat_map(|l| [widths[l] * widths[l + 1], widths[l + 1]])
+        .collect();
+    let mut opt = Optimizer::new(t.optimizer, &sizes);
+    let mut pruner = spec.pruner()?;
+    let mut state = TrainState {
+        arm: spec.arm.clone(),
+        seed: spec.seed,
+        epoch: 0,
+        step: 0,
+        optimizer_steps: 0,
+        shuffle_rng: ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5348_5546),
+        metrics: Vec::new(),
+        refreshes: Vec::new(),
+        last_targets: vec![None; n_layers],
+        wall_s: 0.0,
+    };
+    if let Some(ck) = latest_checkpoint(dir)? {
+        let st: TrainState = serde_json::from_str(
+            &fs::read_to_string(ck.join("state.json")).context("checkpoint: state.json")?,
+        )
+        .context("checkpoint: state.json")?;
+        ensure!(
+            st.arm == spec.arm && st.seed == spec.seed,
+            "checkpoint {} belongs to arm {:?} seed {}, not arm {:?} seed {}",
+            ck.display(),
+            st.arm,
+            st.seed,
+            spec.arm,
+            spec.seed
+        );
+        let mut mf = TensorFile::read(&ck.join("model.safetensors"))?;
+        let (mut ws, mut bs) = (Vec::new(), Vec::new());
+        for l in 0..n_layers {
+            let name = crate::model::layer_name(l);
+            ws.push(mf.take(&format!("{name}.weight"))?);
+            bs.push(mf.take(&format!("{name}.bias"))?);
+        }
+        model = Mlp::from_host(dev, widths, ws, bs)?;
+        let mut of = TensorFile::read(&ck.join("optimizer.safetensors"))?;
+        opt.restore(st.optimizer_steps, |n| of.take(n))?;
+        if pruner.is_some() {
+            let p = load_pruner(&ck)?
+                .ok_or_else(|| anyhow!("checkpoint {} has no pruner.json", ck.display()))?;
+            ensure!(
+                p.step_count() == st.step,
+                "checkpoint {}: pruner is at step {}, trainer at step {}",
+                ck.display(),
+                p.step_count(),
+                st.step
+            );
+            for l in 0..n_layers {
+                model.set_scale(l, p.scale(l))?;
+            }
+            pruner = Some(p);
+        }
+        state = st;
+    }
+    let start = Instant::now();
+    let wall0 = state.wall_s;
+    let (mut xb, mut yb) = (Vec::new(), Vec::new());
+    let mut order: Vec<usize> = (0..n_train).collect();
+    while state.epoch < t.epochs {
+        if opts.stop_after_epoch.is_some_and(|s| state.epoch >= s) {
+            return Ok(RunOutcome::Stopped(state.epoch));
+        }
+        let epoch = state.epoch + 1;
+        order.sort_unstable();
+        order.shuffle(&mut state.shuffle_rng);
+        let mut loss_sum = 0.0;
+        let mut lr = t.lr;
+        let mut churn = Vec::new();
+        for (bi, chunk) in order.chunks(t.batch_size).enumerate() {
+            debug_assert!(bi < steps_per_epoch);
+            let b = chunk.len();
+            split.train.gather(chunk, &mut xb, &mut yb);
+            let mut out = model.train_step(&xb, &yb, b)?;
+            ensure!(
+                out.loss.is_finite(),
+                "training diverged at step {} (loss {})",
+                state.step + 1,
+                out.loss
+            );
+            loss_sum += out.loss as f64;
+            if let Some(p) = pruner.as_mut() {
+                p.observe("input", Activations::batch_major(&xb, b, widths[0]))?;
+                for (h, acts) in out.hidden.iter().enumerate() {
+                    p.observe(
+                        &crate::model::layer_name(h),
+                        Activations::batch_major(acts, b, widths[h + 1]),
+                    )?;
+                }
+            }
+            let dense_grads = match &pruner {
+                Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
+                _ => None,
+            };
+            if let Some(p) = &pruner {
+                for (l, g) in out.grad_w.iter_mut().enumerate() {
+                    p.mask_gradients(l, g)?;
+                }
+            }
+            lr = t.lr_schedule.rate(t.lr, state.step, spec.total_steps);
+            {
+                let (hw, hb) = model.host_params_mut();
+                let mut params: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
+                for (w, b) in hw.iter_mut().zip(hb.iter_mut()) {
+                    params.push(w);
+                    params.push(b);
+                }
+                let grads: Vec<&[f32]> = out
+                    .grad_w
+                    .iter()
+                    .zip(&out.grad_b)
+                    .flat_map(|(w, b)| [w.as_slice(), b.as_slice()])
+                    .collect();
+                opt.update(&mut params, &grads, lr);
+            }
+            state.step += 1;
+            if let Some(p) = pruner.as_mut() {
+                let (hw, _) = model.host_params_mut();
+                let report = {
+                    let mut ws: Vec<&mut [f32]> = hw.iter_mut().map(|w| w.as_mut_slice()).collect();
+                    let gs: Option<Vec<&[f32]>> = dense_grads
+                        .as_ref()
+                        .map(|g| g.iter().map(|v| v.as_slice()).collect());
+                    p.step(&mut ws, gs.as_deref())?
+                };
+                for (l, w) in hw.iter_mut().enumerate() {
+                    p.apply_mask(l, w)?;
+                }
+                for l in 0..n_layers {
+                    model.set_scale(l, p.scale(l))?;
+                }
+                if let Some(r) = report {
+                    for lr_ in &r.layers {
+                        if let Some(l) =
+                            (0..n_layers).find(|&l| crate::model::layer_name(l) == lr_.layer)
+                        {
+                            state.last_targets[l] = lr_.target_density;
+                        }
+                    }
+                    churn.push(
+                        r.layers.iter().map(|l| l.churn).sum::<f64>()
+                            / r.layers.len().max(1) as f64,
+                    );
+                    state.refreshes.push(RefreshLine { epoch, report: r });
+                }
+            }
+            model.sync_to_device();
+            if let Some(pb) = &opts.progress {
+                pb.inc(1);
+            }
+        }
+        state.optimizer_steps = opt.steps();
+        let ev = evaluate(&model, &split.test, false)?;
+        state.epoch = epoch;
+        state.wall_s = wall0 + start.elapsed().as_secs_f64();
+        state.metrics.push(EpochMetrics {
+            epoch,
+            step: state.step,
+            lr,
+            train_loss: loss_sum / steps_per_epoch as f64,
+            test_loss: ev.loss,
+            test_acc: ev.acc,
+            flagged_recall: ev.flagged_recall,
+            density: pruner.as_ref().map_or(1.0, |p| p.density()),
+            refreshes: state.refreshes.len(),
+            churn: (!churn.is_empty()).then(|| churn.iter().sum::<f64>() / churn.len() as f64),
+            wall_s: state.wall_s,
+        });
+        write_jsonl(&dir.join("metrics.jsonl"), &state.metrics)?;
+        write_jsonl(&dir.join("refreshes.jsonl"), &state.refreshes)?;
+        let stop_here = opts.stop_after_epoch == Some(epoch);
+        let periodic = t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0;
+        if periodic || stop_here || epoch == t.epochs {
+            save_checkpoint(dir, &model, &opt, pruner.as_ref(), &state)?;
+        }
+        if stop_here && epoch < t.epochs {
+            return Ok(RunOutcome::Stopped(epoch));
+        }
+    }
+    let result = finish(&model, pruner.as_ref(), split, &state, spec)?;
+    write_atomic(
+        &dir.join("final.json"),
+        serde_json::to_string_pretty(&result)?.as_bytes(),
+    )?;
+    Ok(RunOutcome::Finished(Box::new(result)))
+}
+
+fn finish<D: Device<f32>>(
+    model: &Mlp<D>,
+    pruner: Option<&Pruner>,
+    split: &Split,
+    state: &TrainState,
+    spec: &RunSpec,
+) -> Result<RunResult> {
+    let widths = model.widths();
+    let ev = evaluate(model, &split.test, true)?;
+    let mut populations = vec![measure::population_stats(pruner, 0, widths, &split.test.x)];
+    for (h, acts) in ev.hidden.iter().enumerate() {
+        populations.push(measure::population_stats(pruner, h + 1, widths, acts));
+    }
+    let input_traffic = measure::group_traffic(&populations[0], &split.features.group);
+    let Some(last) = state.metrics.last() else {
+        bail!("run {} seed {} has no epochs", spec.arm, spec.seed);
+    };
+    Ok(RunResult {
+        arm: spec.arm.clone(),
+        seed: spec.seed,
+        widths: widths.to_vec(),
+        steps: state.step,
+        test_acc: ev.acc,
+        test_loss: ev.loss,
+        per_class_acc: ev.per_class,
+        flagged_recall: ev.flagged_recall,
+        density: last.density,
+        layers: measure::layer_stats(pruner, widths, &state.last_targets),
+        populations,
+        input_traffic,
+        refreshes: state.refreshes.len(),
+        wall_s: state.wall_s,
+    })
+}
