@@ -2,6 +2,7 @@
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
 pub mod cli_mask;
+pub mod cli_run;
 pub mod config;
 pub mod data;
 pub mod io;
@@ -9,4 +10,5 @@ pub mod measure;
 pub mod model;
 pub mod npy;
 pub mod optim;
+pub mod report;
 pub mod trainer;

@@ -417,80 +417,29 @@ pub fn train<D: Device<f32>>(
             debug_assert!(bi < steps_per_epoch);
             let b = chunk.len();
             split.train.gather(chunk, &mut xb, &mut yb);
-            let mut out = model.train_step(&xb, &yb, b)?;
+            lr = t.lr_schedule.rate(t.lr, state.step, spec.total_steps);
+            let out = train_step(&mut model, &mut opt, pruner.as_mut(), &xb, &yb, b, lr)?;
+            state.step += 1;
             ensure!(
                 out.loss.is_finite(),
                 "training diverged at step {} (loss {})",
-                state.step + 1,
+                state.step,
                 out.loss
             );
             loss_sum += out.loss as f64;
-            if let Some(p) = pruner.as_mut() {
-                p.observe("input", Activations::batch_major(&xb, b, widths[0]))?;
-                for (h, acts) in out.hidden.iter().enumerate() {
-                    p.observe(
-                        &crate::model::layer_name(h),
-                        Activations::batch_major(acts, b, widths[h + 1]),
-                    )?;
-                }
-            }
-            let dense_grads = match &pruner {
-                Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
-                _ => None,
-            };
-            if let Some(p) = &pruner {
-                for (l, g) in out.grad_w.iter_mut().enumerate() {
-                    p.mask_gradients(l, g)?;
-                }
-            }
-            lr = t.lr_schedule.rate(t.lr, state.step, spec.total_steps);
-            {
-                let (hw, hb) = model.host_params_mut();
-                let mut params: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
-                for (w, b) in hw.iter_mut().zip(hb.iter_mut()) {
-                    params.push(w);
-                    params.push(b);
-                }
-                let grads: Vec<&[f32]> = out
-                    .grad_w
-                    .iter()
-                    .zip(&out.grad_b)
-                    .flat_map(|(w, b)| [w.as_slice(), b.as_slice()])
-                    .collect();
-                opt.update(&mut params, &grads, lr);
-            }
-            state.step += 1;
-            if let Some(p) = pruner.as_mut() {
-                let (hw, _) = model.host_params_mut();
-                let report = {
-                    let mut ws: Vec<&mut [f32]> = hw.iter_mut().map(|w| w.as_mut_slice()).collect();
-                    let gs: Option<Vec<&[f32]>> = dense_grads
-                        .as_ref()
-                        .map(|g| g.iter().map(|v| v.as_slice()).collect());
-                    p.step(&mut ws, gs.as_deref())?
-                };
-                for (l, w) in hw.iter_mut().enumerate() {
-                    p.apply_mask(l, w)?;
-                }
-                for l in 0..n_layers {
-                    model.set_scale(l, p.scale(l))?;
-                }
-                if let Some(r) = report {
-                    for lr_ in &r.layers {
-                        if let Some(l) =
-                            (0..n_layers).find(|&l| crate::model::layer_name(l) == lr_.layer)
-                        {
-                            state.last_targets[l] = lr_.target_density;
-                        }
+            if let Some(r) = out.refresh {
+                for lrep in &r.layers {
+                    if let Some(l) =
+                        (0..n_layers).find(|&l| crate::model::layer_name(l) == lrep.layer)
+                    {
+                        state.last_targets[l] = lrep.target_density;
                     }
-                    churn.push(
-                        r.layers.iter().map(|l| l.churn).sum::<f64>()
-                            / r.layers.len().max(1) as f64,
-                    );
-                    state.refreshes.push(RefreshLine { epoch, report: r });
                 }
+                churn.push(
+                    r.layers.iter().map(|l| l.churn).sum::<f64>() / r.layers.len().max(1) as f64,
+                );
+                state.refreshes.push(RefreshLine { epoch, report: r });
             }
-            model.sync_to_device();
             if let Some(pb) = &opts.progress {
                 pb.inc(1);
             }
@@ -529,6 +478,92 @@ pub fn train<D: Device<f32>>(
         serde_json::to_string_pretty(&result)?.as_bytes(),
     )?;
     Ok(RunOutcome::Finished(Box::new(result)))
+}
+
+/// What one training step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Mean cross-entropy of the batch (before the update).
+    pub loss: f32,
+    /// The weight gradients the optimizer applied (dead edges zeroed), `[out, in]` per layer.
+    pub applied_grad_w: Vec<Vec<f32>>,
+    /// The refresh that ran after this step, if any.
+    pub refresh: Option<RefreshReport>,
+}
+
+/// One training step on a batch: forward + backward, the pruner observes the activations of
+/// that forward pass, dead edges' gradients are zeroed, the optimizer updates the host
+/// parameters, the pruner counts the step (refreshing on schedule, which edits the weights in
+/// place), the mask is re-applied, the SP-in factors are set, and the device tensors are
+/// updated in place.
+pub fn train_step<D: Device<f32>>(
+    model: &mut Mlp<D>,
+    opt: &mut Optimizer,
+    mut pruner: Option<&mut Pruner>,
+    x: &[f32],
+    y: &[usize],
+    batch: usize,
+    lr: f32,
+) -> Result<StepReport> {
+    let widths = model.widths().to_vec();
+    let n_layers = widths.len() - 1;
+    let mut out = model.train_step(x, y, batch)?;
+    if let Some(p) = pruner.as_deref_mut() {
+        p.observe("input", Activations::batch_major(x, batch, widths[0]))?;
+        for (h, acts) in out.hidden.iter().enumerate() {
+            p.observe(
+                &crate::model::layer_name(h),
+                Activations::batch_major(acts, batch, widths[h + 1]),
+            )?;
+        }
+    }
+    let dense_grads = match pruner.as_deref() {
+        Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
+        _ => None,
+    };
+    if let Some(p) = pruner.as_deref() {
+        for (l, g) in out.grad_w.iter_mut().enumerate() {
+            p.mask_gradients(l, g)?;
+        }
+    }
+    {
+        let (hw, hb) = model.host_params_mut();
+        let mut params: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
+        for (w, b) in hw.iter_mut().zip(hb.iter_mut()) {
+            params.push(w);
+            params.push(b);
+        }
+        let grads: Vec<&[f32]> = out
+            .grad_w
+            .iter()
+            .zip(&out.grad_b)
+            .flat_map(|(w, b)| [w.as_slice(), b.as_slice()])
+            .collect();
+        opt.update(&mut params, &grads, lr);
+    }
+    let mut refresh = None;
+    if let Some(p) = pruner {
+        let (hw, _) = model.host_params_mut();
+        {
+            let mut ws: Vec<&mut [f32]> = hw.iter_mut().map(|w| w.as_mut_slice()).collect();
+            let gs: Option<Vec<&[f32]>> = dense_grads
+                .as_ref()
+                .map(|g| g.iter().map(|v| v.as_slice()).collect());
+            refresh = p.step(&mut ws, gs.as_deref())?;
+        }
+        for (l, w) in hw.iter_mut().enumerate() {
+            p.apply_mask(l, w)?;
+        }
+        for l in 0..n_layers {
+            model.set_scale(l, p.scale(l))?;
+        }
+    }
+    model.sync_to_device();
+    Ok(StepReport {
+        loss: out.loss,
+        applied_grad_w: out.grad_w,
+        refresh,
+    })
 }
 
 fn finish<D: Device<f32>>(
