@@ -1,4 +1,5 @@
 use crate::{ActuatorError, BitMask};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Shape of a masked layer: an `[out, in]` edge matrix, optionally with kernel dims.
@@ -116,25 +117,57 @@ pub fn edge_scores(
             shape.inp
         )));
     }
-    for o in 0..shape.out {
-        let row = o * shape.inp;
-        for i in 0..shape.inp {
-            let e = row + i;
-            let src = if mask.get(o, i) { weights } else { shadow };
-            let w = &src[e * kl..(e + 1) * kl];
-            let mut s = 0.0f32;
-            for &x in w {
-                s += x.abs();
+    let (cols, wpr) = (shape.inp, mask.words_per_row());
+    let bad = scores
+        .par_chunks_mut(cols)
+        .zip(weights.par_chunks(cols * kl))
+        .zip(shadow.par_chunks(cols * kl))
+        .enumerate()
+        .with_min_len(16)
+        .filter_map(|(o, ((srow, wrow), hrow))| {
+            let words = &mask.words()[o * wpr..(o + 1) * wpr];
+            let mut finite = true;
+            for (c, s) in srow.iter_mut().enumerate() {
+                let live = (words[c / 64] >> (c % 64)) & 1 == 1;
+                let src = if live { wrow } else { hrow };
+                let v = if kl == 1 {
+                    src[c].abs()
+                } else {
+                    src[c * kl..(c + 1) * kl].iter().map(|x| x.abs()).sum()
+                };
+                finite &= v.is_finite();
+                *s = v;
             }
-            if !s.is_finite() {
-                let what = if mask.get(o, i) { "weights" } else { "shadow" };
-                let bad = w.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            if finite {
+                None
+            } else {
+                Some(o)
+            }
+        })
+        .min();
+    if let Some(o) = bad {
+        // Slow path: name the first bad value of the first bad row.
+        for c in 0..cols {
+            let e = o * cols + c;
+            let live = mask.get(o, c);
+            let (what, src) = if live {
+                ("weights", weights)
+            } else {
+                ("shadow", shadow)
+            };
+            let w = &src[e * kl..(e + 1) * kl];
+            if let Some(i) = w.iter().position(|x| !x.is_finite()) {
                 return Err(ActuatorError::NonFinite {
                     what: what.into(),
-                    index: e * kl + bad,
+                    index: e * kl + i,
                 });
             }
-            scores[e] = s;
+            if !w.iter().map(|x| x.abs()).sum::<f32>().is_finite() {
+                return Err(ActuatorError::NonFinite {
+                    what: what.into(),
+                    index: e * kl,
+                });
+            }
         }
     }
     Ok(())

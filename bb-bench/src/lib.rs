@@ -1,1 +1,321 @@
-//! Benchmark helpers shared by the criterion benches.
+//! Benchmark cases shared by the criterion benches and the `bb bench` report.
+//!
+//! Every engine timing is reported next to a *floor* measured in the same run: the time of
+//! one streaming pass (a parallel sum) over the same data — the least any refresh or
+//! observation must spend reading it. Sparse inference is reported as the speed-up of the
+//! compacted layer over a dense GEMM (the kernels dfdx uses) on the same inputs.
+
+#![warn(missing_docs)]
+
+use bb_core::sparse::{CsrLayer, SparseScratch};
+use bb_core::{Activations, BitMask, EdgeShape, Pruner, PrunerConfig, Topology};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Median wall time of `f` over `iters` runs (after one warm-up run).
+pub fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut t: Vec<Duration> = (0..iters.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    t[t.len() / 2]
+}
+
+/// One streaming pass over `data` (parallel, several accumulators): the physical floor of
+/// any kernel that must read it once.
+pub fn stream_sum(data: &[f32]) -> f32 {
+    data.par_chunks(1 << 16)
+        .map(|c| {
+            let mut acc = [0.0f32; 8];
+            let (q, r) = c.split_at(c.len() / 8 * 8);
+            for x in q.chunks_exact(8) {
+                for l in 0..8 {
+                    acc[l] += x[l];
+                }
+            }
+            acc.iter().sum::<f32>() + r.iter().sum::<f32>()
+        })
+        .sum()
+}
+
+/// Seeded uniform values in `[-1, 1)`.
+pub fn random_vec(seed: u64, n: usize) -> Vec<f32> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// One row of a report: a measured time, its reference and their ratio.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Section (`refresh`, `observe`, `sparse`, ...).
+    pub section: &'static str,
+    /// What was measured.
+    pub case: String,
+    /// Time of the measured kernel.
+    pub time: Duration,
+    /// Time of the reference (the streaming floor, or the dense layer).
+    pub reference: Duration,
+    /// How the ratio reads (`x floor` or `x faster than dense`).
+    pub ratio_label: &'static str,
+}
+
+impl Row {
+    /// `time / reference` for floors, `reference / time` for speed-ups.
+    pub fn ratio(&self) -> f64 {
+        let (t, r) = (self.time.as_secs_f64(), self.reference.as_secs_f64());
+        if self.section == "sparse" {
+            r / t
+        } else {
+            t / r
+        }
+    }
+}
+
+/// A pruner over one layer of `shape`, pruned with the balance policy.
+pub fn refresh_pruner(shape: &EdgeShape, actuator: &str, regrow: bool, matched: bool) -> Pruner {
+    let d = shape.slab_len(if actuator == "sp_in" {
+        bb_core::Side::Rows
+    } else {
+        bb_core::Side::Columns
+    });
+    let policy = if matched {
+        "kind = \"balance\"\nbeta = 0.05\ntarget_density = 0.5".to_string()
+    } else {
+        format!("kind = \"balance\"\nbeta = 0.05\nd0 = {}", d / 2)
+    };
+    let text = format!(
+        "[policy]\n{policy}\n[actuator]\nkind = \"{actuator}\"\nregrow = {regrow}\n[layers.layer]\nprune = true\n"
+    );
+    let topo = Topology::new()
+        .population("in", shape.inp)
+        .population("out", shape.out)
+        .conv_layer("layer", "in", "out", &shape.kernel);
+    let mut p = Pruner::new(
+        PrunerConfig::from_toml_str(&text).expect("bench config"),
+        topo,
+    )
+    .expect("bench pruner");
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    let units = if actuator == "sp_in" {
+        shape.out
+    } else {
+        shape.inp
+    };
+    let pop = if actuator == "sp_in" { "out" } else { "in" };
+    let rates: Vec<f64> = (0..units).map(|_| r.gen_range(0.01..0.99)).collect();
+    p.set_activity(pop, &rates).expect("rates");
+    p
+}
+
+/// Refresh timings against the streaming floor of the same weights.
+pub fn refresh_rows(shapes: &[EdgeShape], iters: usize) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for shape in shapes {
+        let mut w = random_vec(7, shape.weight_len());
+        for actuator in ["sp_in", "sp_out"] {
+            for regrow in [true, false] {
+                for matched in [true, false] {
+                    let mut p = refresh_pruner(shape, actuator, regrow, matched);
+                    let t = median_time(iters, || {
+                        black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
+                    });
+                    let floor = median_time(iters, || {
+                        black_box(stream_sum(&w));
+                    });
+                    let dims: Vec<String> = [shape.out, shape.inp]
+                        .iter()
+                        .chain(&shape.kernel)
+                        .map(|d| d.to_string())
+                        .collect();
+                    rows.push(Row {
+                        section: "refresh",
+                        case: format!(
+                            "{} {actuator} regrow={regrow} {}",
+                            dims.join("x"),
+                            if matched { "matched" } else { "d0" }
+                        ),
+                        time: t,
+                        reference: floor,
+                        ratio_label: "x floor",
+                    });
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// Activity observation (EMA update) against the streaming floor of the activations.
+pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, usize)) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let (b, u) = dense;
+    let x = random_vec(3, b * u);
+    let topo = Topology::new()
+        .population("in", 4)
+        .population("h", u)
+        .population("o", 2)
+        .layer("a", "in", "h")
+        .layer("b", "h", "o");
+    let cfg = PrunerConfig::from_toml_str("[policy]\nkind = \"dense\"\n").expect("config");
+    let mut p = Pruner::new(cfg, topo).expect("pruner");
+    let t = median_time(iters, || {
+        p.observe("h", Activations::batch_major(&x, b, u))
+            .expect("observe")
+    });
+    let f = median_time(iters, || {
+        black_box(stream_sum(&x));
+    });
+    rows.push(Row {
+        section: "observe",
+        case: format!("{b}x{u} [batch, units]"),
+        time: t,
+        reference: f,
+        ratio_label: "x floor",
+    });
+    let (cb, cu, pos) = conv;
+    let x = random_vec(4, cb * cu * pos);
+    let topo = Topology::new()
+        .population("in", 4)
+        .population("h", cu)
+        .population("o", 2)
+        .layer("a", "in", "h")
+        .layer("b", "h", "o");
+    let cfg = PrunerConfig::from_toml_str("[policy]\nkind = \"dense\"\n").expect("config");
+    let mut p = Pruner::new(cfg, topo).expect("pruner");
+    let t = median_time(iters, || {
+        p.observe("h", Activations::batch_major_positions(&x, cb, cu, pos))
+            .expect("observe")
+    });
+    let f = median_time(iters, || {
+        black_box(stream_sum(&x));
+    });
+    rows.push(Row {
+        section: "observe",
+        case: format!("{cb}x{cu}x{pos} [batch, channels, positions]"),
+        time: t,
+        reference: f,
+        ratio_label: "x floor",
+    });
+    rows
+}
+
+/// A mask keeping `round(density * inp)` random entries of every row.
+pub fn random_row_mask(out: usize, inp: usize, density: f64, seed: u64) -> BitMask {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let k = (density * inp as f64).round() as usize;
+    let mut m = BitMask::empty(out, inp);
+    for o in 0..out {
+        for c in rand::seq::index::sample(&mut r, inp, k).iter() {
+            m.set(o, c, true);
+        }
+    }
+    m
+}
+
+/// `y[batch, out] = x[batch, in] W^T` with the dense GEMM kernels.
+pub fn dense_forward(w: &[f32], out: usize, inp: usize, x: &[f32], batch: usize, y: &mut [f32]) {
+    assert_eq!(w.len(), out * inp);
+    assert_eq!(x.len(), batch * inp);
+    assert_eq!(y.len(), batch * out);
+    let threads = rayon::current_num_threads();
+    // SAFETY: the asserts above bound every access gemm makes through these strides.
+    unsafe {
+        gemm::gemm(
+            batch,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            1,
+            out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
+/// Compacted inference against the dense layer, same inputs, same run.
+pub fn sparse_rows(
+    sizes: &[usize],
+    densities: &[f64],
+    batches: &[usize],
+    iters: usize,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let w = random_vec(5, n * n);
+        for &d in densities {
+            let mask = random_row_mask(n, n, d, 9);
+            let mut masked = w.clone();
+            bb_actuators::zero_dead(&EdgeShape::dense(n, n), &mask, &mut masked).expect("mask");
+            let csr = CsrLayer::from_masked(&masked, &mask, None, None).expect("csr");
+            for &b in batches {
+                let x = random_vec(6, b * n);
+                let mut y = vec![0.0f32; b * n];
+                let mut scratch = SparseScratch::default();
+                let ts = median_time(iters, || {
+                    csr.forward(&x, b, &mut y, &mut scratch).expect("forward")
+                });
+                let td = median_time(iters, || dense_forward(&masked, n, n, &x, b, &mut y));
+                rows.push(Row {
+                    section: "sparse",
+                    case: format!("{n}x{n} density {d} batch {b}"),
+                    time: ts,
+                    reference: td,
+                    ratio_label: "x faster than dense",
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// Renders rows as Markdown tables, one per section.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let mut section = "";
+    for r in rows {
+        if r.section != section {
+            section = r.section;
+            let reference = if section == "sparse" {
+                "dense"
+            } else {
+                "floor"
+            };
+            out.push_str(&format!(
+                "\n### {section}\n\n| case | time (ms) | {reference} (ms) | ratio |\n|---|---:|---:|---:|\n"
+            ));
+        }
+        out.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.2} {} |\n",
+            r.case,
+            r.time.as_secs_f64() * 1e3,
+            r.reference.as_secs_f64() * 1e3,
+            r.ratio(),
+            r.ratio_label
+        ));
+    }
+    out
+}

@@ -48,6 +48,7 @@ pub mod policy;
 mod pruner;
 mod registry;
 mod schedule;
+pub mod sparse;
 mod topology;
 pub mod tracker;
 

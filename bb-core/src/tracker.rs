@@ -128,22 +128,24 @@ impl<'a> Activations<'a> {
         Ok(())
     }
 
-    /// Calls `f(unit, value)` for every value, in memory order; stops at the first non-finite
-    /// value with an error naming its position.
+    /// Calls `f(unit, run)` for every contiguous run of one unit's values, in memory order;
+    /// stops at the first non-finite value with an error naming its position.
     #[inline]
-    fn for_each(&self, mut f: impl FnMut(usize, f32)) -> Result<(), BbError> {
-        let (u, p) = (self.units, self.positions);
-        for (idx, &x) in self.data.iter().enumerate() {
-            if !x.is_finite() {
+    fn for_each_run(&self, mut f: impl FnMut(usize, &[f32])) -> Result<(), BbError> {
+        let run = match self.layout {
+            Layout::BatchMajor => self.positions,
+            Layout::UnitMajor => self.positions * self.batch,
+        };
+        for (r, chunk) in self.data.chunks_exact(run).enumerate() {
+            if chunk.iter().any(|x| !x.is_finite()) {
+                let i = chunk.iter().position(|x| !x.is_finite()).unwrap_or(0);
                 return Err(BbError::activations(format!(
-                    "non-finite activation {x} at flat index {idx}"
+                    "non-finite activation {} at flat index {}",
+                    chunk[i],
+                    r * run + i
                 )));
             }
-            let unit = match self.layout {
-                Layout::BatchMajor => (idx / p) % u,
-                Layout::UnitMajor => idx / (p * self.batch),
-            };
-            f(unit, x);
+            f(r % self.units, chunk);
         }
         Ok(())
     }
@@ -257,10 +259,8 @@ impl ActivityTracker for EmaOnRate {
     ) -> Result<(), BbError> {
         prepare(rate, acts, scratch)?;
         let theta = self.threshold;
-        acts.for_each(|u, x| {
-            if x > theta {
-                scratch[u] += 1.0;
-            }
+        acts.for_each_run(|u, run| {
+            scratch[u] += run.iter().filter(|&&x| x > theta).count() as f64;
         })?;
         let n = (acts.batch * acts.positions) as f64;
         for (a, &c) in rate.iter_mut().zip(scratch.iter()) {
@@ -311,7 +311,7 @@ impl ActivityTracker for EmaAbsZscore {
         scratch: &mut Vec<f64>,
     ) -> Result<(), BbError> {
         prepare(rate, acts, scratch)?;
-        acts.for_each(|u, x| scratch[u] += x.abs() as f64)?;
+        acts.for_each_run(|u, run| scratch[u] += run.iter().map(|x| x.abs() as f64).sum::<f64>())?;
         let n = scratch.len() as f64;
         let mean = scratch.iter().sum::<f64>() / n;
         let var = scratch.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / n;

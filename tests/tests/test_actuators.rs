@@ -313,3 +313,62 @@ fn bad_buffers_are_errors_not_panics() {
     assert!(EdgeShape::from_weight_dims(&[3]).is_err());
     assert!(EdgeShape::from_weight_dims(&[3, 0]).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Long slabs take the radix-select path: still exactly the sorted top-k, with heavy ties,
+    /// zeros, tiny and huge magnitudes.
+    #[test]
+    fn long_slabs_select_like_a_sort(n in 385usize..6000, seed in any::<u64>(), mode in 0u8..4) {
+        let mut r = rng(seed);
+        let s: Vec<f32> = (0..n)
+            .map(|_| match mode {
+                0 => r.gen_range(0.0f32..1.0),
+                1 => r.gen_range(0i32..4) as f32 * 0.25,
+                2 => if r.gen_bool(0.7) { 0.0 } else { r.gen_range(1e-30f32..1e30) },
+                _ => 1.0 + r.gen_range(0u32..3) as f32 * f32::EPSILON,
+            })
+            .collect();
+        let mut keys = Vec::new();
+        for k in [0, 1, r.gen_range(1..n), n / 2, n - 1, n] {
+            prop_assert_eq!(select_top_k(&s, k, &mut keys), naive_top_k(&s, k), "k={}", k);
+        }
+    }
+}
+
+#[test]
+fn long_slabs_without_regrow_keep_the_strongest_live_edges() {
+    let mut r = rng(21);
+    let shape = EdgeShape::dense(40, 1500);
+    let s = scores_of(&shape, &random_weights(&mut r, shape.edges(), true));
+    let mut mask = BitMask::empty(40, 1500);
+    for o in 0..40 {
+        for i in 0..1500 {
+            if r.gen_bool(0.6) {
+                mask.set(o, i, true);
+            }
+        }
+    }
+    let before = mask.clone();
+    let targets: Vec<u32> = (0..40).map(|_| r.gen_range(0..1500)).collect();
+    apply_targets(
+        Side::Rows,
+        &shape,
+        &s,
+        &targets,
+        false,
+        &mut mask,
+        &mut ActuatorScratch::default(),
+    )
+    .unwrap();
+    for (o, &k) in targets.iter().enumerate() {
+        let was = row(&before, o);
+        let cand: Vec<f32> = was.iter().map(|&c| s[o * 1500 + c]).collect();
+        let want: Vec<usize> = naive_top_k(&cand, k as usize)
+            .into_iter()
+            .map(|t| was[t])
+            .collect();
+        assert_eq!(row(&mask, o), want, "row {o}");
+    }
+}

@@ -338,7 +338,7 @@ fn invalid_inputs_name_what_is_wrong() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`h`") && e.contains("non-finite"), "{e}");
-    let mut short = vec![0.1f32; 23];
+    let mut short = [0.1f32; 23];
     let e = p
         .refresh(&mut [&mut short[..], &mut w2[..]], None)
         .unwrap_err()

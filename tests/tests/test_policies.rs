@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! Budget policies through the pruner: the balance law, exact matched density, the traffic
 //! budget, and the baselines against naive sort-based references.
 

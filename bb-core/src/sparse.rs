@@ -1,0 +1,306 @@
+//! Compacted (sparse) inference for pruned dense layers.
+//!
+//! A [`CsrLayer`] keeps only the live weights of a masked `[out, in]` layer, row by row
+//! (compressed sparse rows), with the SP-in rescale folded into the values, so
+//! `y = s ⊙ ((W ⊙ M) x) + b` costs work and memory in proportion to the live edges. Column
+//! indices are `u16` when the layer has at most 65 536 inputs (6 bytes per live edge instead
+//! of 4 per edge dense), `u32` otherwise.
+
+use crate::BbError;
+use bb_actuators::{BitMask, EdgeShape};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Column indices of the live weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Columns {
+    /// For layers with at most 65 536 inputs.
+    U16(Vec<u16>),
+    /// For wider layers.
+    U32(Vec<u32>),
+}
+
+impl Columns {
+    fn len(&self) -> usize {
+        match self {
+            Columns::U16(v) => v.len(),
+            Columns::U32(v) => v.len(),
+        }
+    }
+}
+
+/// A pruned dense layer in compressed-sparse-row form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CsrLayer {
+    out: usize,
+    inp: usize,
+    /// `row_ptr[o]..row_ptr[o + 1]` indexes row `o`'s live weights.
+    row_ptr: Vec<u32>,
+    cols: Columns,
+    vals: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+/// Rows per parallel task (and the cut-off under which one thread does everything).
+const ROWS_PER_TASK: usize = 64;
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+impl CsrLayer {
+    /// Compacts `weights` (`[out, in]`) under `mask`, folding the per-row `scale` (the SP-in
+    /// rescale, if any) into the values.
+    pub fn from_masked(
+        weights: &[f32],
+        mask: &BitMask,
+        scale: Option<&[f32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Self, BbError> {
+        let (out, inp) = (mask.rows(), mask.cols());
+        let shape = EdgeShape::dense(out, inp);
+        if weights.len() != shape.weight_len() {
+            return Err(BbError::config(
+                "weights",
+                format!("{} values for a [{out}, {inp}] layer", weights.len()),
+            ));
+        }
+        if scale.is_some_and(|s| s.len() != out) {
+            return Err(BbError::config("scale", format!("expected {out} factors")));
+        }
+        if bias.is_some_and(|b| b.len() != out) {
+            return Err(BbError::config("bias", format!("expected {out} values")));
+        }
+        let nnz = mask.count();
+        if nnz > u32::MAX as usize {
+            return Err(BbError::config("mask", "more than 2^32 live edges"));
+        }
+        let mut row_ptr = Vec::with_capacity(out + 1);
+        let mut vals = Vec::with_capacity(nnz);
+        let mut idx: Vec<u32> = Vec::with_capacity(nnz);
+        row_ptr.push(0u32);
+        for o in 0..out {
+            let s = scale.map_or(1.0, |s| s[o]);
+            for (wi, &w) in mask.row_words(o).iter().enumerate() {
+                let mut bits = w;
+                while bits != 0 {
+                    let c = wi * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    idx.push(c as u32);
+                    vals.push(weights[o * inp + c] * s);
+                }
+            }
+            row_ptr.push(vals.len() as u32);
+        }
+        let cols = if inp <= 1 << 16 {
+            Columns::U16(idx.into_iter().map(|c| c as u16).collect())
+        } else {
+            Columns::U32(idx)
+        };
+        Ok(Self {
+            out,
+            inp,
+            row_ptr,
+            cols,
+            vals,
+            bias: bias.map(<[f32]>::to_vec),
+        })
+    }
+
+    /// Output units.
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// Input units.
+    pub fn inp(&self) -> usize {
+        self.inp
+    }
+
+    /// Live weights.
+    pub fn nnz(&self) -> usize {
+        self.vals.len()
+    }
+
+    /// Row pointers, column indices (as u32) and values, for export.
+    pub fn parts(&self) -> (&[u32], Vec<u32>, &[f32]) {
+        let cols = match &self.cols {
+            Columns::U16(v) => v.iter().map(|&c| c as u32).collect(),
+            Columns::U32(v) => v.clone(),
+        };
+        (&self.row_ptr, cols, &self.vals)
+    }
+
+    /// Rebuilds a layer from exported parts (checked).
+    pub fn from_parts(
+        out: usize,
+        inp: usize,
+        row_ptr: Vec<u32>,
+        cols: Vec<u32>,
+        vals: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self, BbError> {
+        let ok = row_ptr.len() == out + 1
+            && row_ptr.first() == Some(&0)
+            && row_ptr.windows(2).all(|w| w[0] <= w[1])
+            && *row_ptr.last().unwrap_or(&0) as usize == vals.len()
+            && cols.len() == vals.len()
+            && cols.iter().all(|&c| (c as usize) < inp)
+            && bias.as_ref().is_none_or(|b| b.len() == out);
+        if !ok {
+            return Err(BbError::Parse(format!(
+                "inconsistent sparse layer [{out}, {inp}]"
+            )));
+        }
+        let cols = if inp <= 1 << 16 {
+            Columns::U16(cols.into_iter().map(|c| c as u16).collect())
+        } else {
+            Columns::U32(cols)
+        };
+        debug_assert_eq!(cols.len(), vals.len());
+        Ok(Self {
+            out,
+            inp,
+            row_ptr,
+            cols,
+            vals,
+            bias,
+        })
+    }
+
+    /// `y = W x + b` for a batch: `x` is `[batch, in]`, `y` is `[batch, out]` (row-major).
+    /// `scratch` holds the transposed input and output between calls.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        batch: usize,
+        y: &mut [f32],
+        scratch: &mut SparseScratch,
+    ) -> Result<(), BbError> {
+        if x.len() != batch * self.inp || y.len() != batch * self.out {
+            return Err(BbError::config(
+                "x",
+                format!(
+                    "expected x [{batch}, {}] and y [{batch}, {}], got {} and {} values",
+                    self.inp,
+                    self.out,
+                    x.len(),
+                    y.len()
+                ),
+            ));
+        }
+        if batch == 1 {
+            self.rows_into(x, 1, y);
+        } else {
+            // Transpose to [in, batch] so each live weight reads one contiguous batch vector.
+            scratch.xt.resize(self.inp * batch, 0.0);
+            for b in 0..batch {
+                for i in 0..self.inp {
+                    scratch.xt[i * batch + b] = x[b * self.inp + i];
+                }
+            }
+            scratch.yt.resize(self.out * batch, 0.0);
+            let mut yt = std::mem::take(&mut scratch.yt);
+            self.rows_into(&scratch.xt, batch, &mut yt);
+            for o in 0..self.out {
+                for b in 0..batch {
+                    y[b * self.out + o] = yt[o * batch + b];
+                }
+            }
+            scratch.yt = yt;
+        }
+        Ok(())
+    }
+
+    /// `yt[o, :] = sum_k val_k * xt[col_k, :] + b_o` with `xt` `[in, batch]`, `yt` `[out, batch]`.
+    fn rows_into(&self, xt: &[f32], batch: usize, yt: &mut [f32]) {
+        let work = self.nnz() * batch;
+        let chunk = ROWS_PER_TASK * batch;
+        let run = |(t, block): (usize, &mut [f32])| {
+            let o0 = t * ROWS_PER_TASK;
+            for (r, acc) in block.chunks_mut(batch).enumerate() {
+                let o = o0 + r;
+                let (a, b) = (self.row_ptr[o] as usize, self.row_ptr[o + 1] as usize);
+                let bias = self.bias.as_ref().map_or(0.0, |v| v[o]);
+                match &self.cols {
+                    Columns::U16(c) => row_dot(&c[a..b], &self.vals[a..b], xt, batch, bias, acc),
+                    Columns::U32(c) => row_dot(&c[a..b], &self.vals[a..b], xt, batch, bias, acc),
+                }
+            }
+        };
+        if work < PARALLEL_MIN_WORK {
+            yt.chunks_mut(chunk).enumerate().for_each(run);
+        } else {
+            yt.par_chunks_mut(chunk).enumerate().for_each(run);
+        }
+    }
+}
+
+/// One output row: `acc[b] = bias + sum_k vals[k] * xt[cols[k] * batch + b]`.
+#[inline]
+fn row_dot<C: Copy + Into<u32>>(
+    cols: &[C],
+    vals: &[f32],
+    xt: &[f32],
+    batch: usize,
+    bias: f32,
+    acc: &mut [f32],
+) {
+    if batch == 1 {
+        // Four independent sums keep the FMA pipes busy.
+        let mut s = [0.0f32; 4];
+        let (cq, cr) = cols.split_at(cols.len() / 4 * 4);
+        let (vq, vr) = vals.split_at(cq.len());
+        for (c4, v4) in cq.chunks_exact(4).zip(vq.chunks_exact(4)) {
+            for l in 0..4 {
+                s[l] += v4[l] * xt[c4[l].into() as usize];
+            }
+        }
+        let mut t = (s[0] + s[1]) + (s[2] + s[3]);
+        for (&c, &v) in cr.iter().zip(vr) {
+            t += v * xt[c.into() as usize];
+        }
+        acc[0] = t + bias;
+        return;
+    }
+    // Batch tiles of fixed width keep the accumulators in registers.
+    let mut b0 = 0;
+    while batch - b0 >= 16 {
+        tile::<C, 16>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+        b0 += 16;
+    }
+    while batch - b0 >= 4 {
+        tile::<C, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+        b0 += 4;
+    }
+    while b0 < batch {
+        tile::<C, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+        b0 += 1;
+    }
+}
+
+#[inline]
+fn tile<C: Copy + Into<u32>, const T: usize>(
+    cols: &[C],
+    vals: &[f32],
+    xt: &[f32],
+    batch: usize,
+    b0: usize,
+    bias: f32,
+    out: &mut [f32],
+) {
+    let mut acc = [bias; T];
+    for (&c, &v) in cols.iter().zip(vals) {
+        let x: &[f32; T] = xt[c.into() as usize * batch + b0..][..T]
+            .try_into()
+            .expect("tile width");
+        for l in 0..T {
+            acc[l] += v * x[l];
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// Buffers reused by [`CsrLayer::forward`].
+#[derive(Debug, Default, Clone)]
+pub struct SparseScratch {
+    xt: Vec<f32>,
+    yt: Vec<f32>,
+}
