@@ -327,7 +327,7 @@ pub fn xor(
         p.push(p_min + t * (p_max - p_min));
     }
     let label = |r: &[f32]| (((r[0] > 0.5) != (r[1] > 0.5)) as usize, false);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x786f_72);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0078_6f72);
     let mut train = bernoulli_rows(&mut rng, n_train, &p, label);
     let mut test = bernoulli_rows(&mut rng, n_test, &p, label);
     train.flagged.clear();
@@ -397,7 +397,7 @@ impl DnfSpec {
 pub fn dnf(spec: &DnfSpec, n_train: usize, n_test: usize, seed: u64) -> Split {
     let mut p = vec![spec.p_rare; spec.rare_features];
     p.extend(std::iter::repeat_n(spec.p_common, spec.common_features));
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x646e_66);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0064_6e66);
     let label = |r: &[f32]| spec.label(r);
     let train = bernoulli_rows(&mut rng, n_train, &p, label);
     let test = bernoulli_rows(&mut rng, n_test, &p, label);

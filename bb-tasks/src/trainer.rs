@@ -259,11 +259,16 @@ fn save_checkpoint<D: Device<f32>>(
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    let meta = HashMap::from([
-        ("epoch".to_string(), state.epoch.to_string()),
-        ("step".to_string(), state.step.to_string()),
-        ("widths".to_string(), format!("{:?}", model.widths())),
-    ]);
+    // one metadata key, so the file's bytes do not depend on hash-map order
+    let meta = HashMap::from([(
+        "checkpoint".to_string(),
+        serde_json::json!({
+            "epoch": state.epoch,
+            "step": state.step,
+            "widths": model.widths(),
+        })
+        .to_string(),
+    )]);
     let mut tensors = Vec::new();
     for l in 0..model.num_layers() {
         let (o, i) = (model.widths()[l + 1], model.widths()[l]);
