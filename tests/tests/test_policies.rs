@@ -1,6 +1,6 @@
-#![allow(clippy::needless_range_loop)]
 //! Budget policies through the pruner: the balance law, exact matched density, the traffic
 //! budget, and the baselines against naive sort-based references.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 
