@@ -1,8 +1,10 @@
 //! dfdx models, datasets, trainer and experiments for Budgeted Broadcast, and the command-line
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
+pub mod cli_bench;
 pub mod cli_mask;
 pub mod cli_run;
+pub mod cli_sweep;
 pub mod config;
 pub mod data;
 pub mod io;
@@ -10,5 +12,8 @@ pub mod measure;
 pub mod model;
 pub mod npy;
 pub mod optim;
+pub mod realdata;
 pub mod report;
+pub mod stats;
+pub mod sweep;
 pub mod trainer;

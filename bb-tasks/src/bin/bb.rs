@@ -21,21 +21,30 @@ struct Cli {
 enum Cmd {
     /// One BB refresh on exported tensors: weights + activities -> mask.
     Mask(bb_tasks::cli_mask::MaskArgs),
+    /// Benchmark report: refresh, observation, sparse inference and training overhead, as ratios.
+    Bench(bb_tasks::cli_bench::BenchArgs),
     /// Train an experiment (a preset or a TOML file) into a run folder with a report.
     Run(bb_tasks::cli_run::RunArgs),
     /// List the built-in experiments.
     Presets,
     /// Run the built-in experiments (xor, dnf, digits) and write their reports (the default).
     Tour(bb_tasks::cli_run::TourArgs),
+    /// Run a matched-density sweep (method x density x seed x data set), or one shard of it.
+    Sweep(bb_tasks::cli_sweep::SweepArgs),
+    /// Gather the finished runs of a sweep folder into its summary.
+    Merge(bb_tasks::cli_sweep::MergeArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Mask(args)) => bb_tasks::cli_mask::run(&args),
+        Some(Cmd::Bench(args)) => bb_tasks::cli_bench::run(&args),
         Some(Cmd::Run(args)) => bb_tasks::cli_run::run(&args),
         Some(Cmd::Presets) => bb_tasks::cli_run::presets(),
         Some(Cmd::Tour(args)) => bb_tasks::cli_run::tour(&args),
+        Some(Cmd::Sweep(args)) => bb_tasks::cli_sweep::sweep(&args),
+        Some(Cmd::Merge(args)) => bb_tasks::cli_sweep::merge(&args),
         None => bb_tasks::cli_run::tour(&Default::default()),
     };
     if let Err(e) = result {
