@@ -9,7 +9,7 @@ use crate::data::Split;
 use crate::io::write_atomic;
 use crate::report::{summarise, write_report, Results};
 use crate::trainer::{read_metrics, train, RunOptions, RunOutcome, RunResult};
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use dfdx::prelude::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -333,7 +333,7 @@ fn with_device<T>(
                 f_cuda(&dev)
             }
             #[cfg(not(feature = "cuda"))]
-            bail!("--device cuda: this bb was built without the `cuda` feature (cargo build --features cuda)")
+            anyhow::bail!("--device cuda: this bb was built without the `cuda` feature (cargo build --features cuda)")
         }
     }
 }
@@ -372,8 +372,14 @@ fn run_prepared(
     Ok(())
 }
 
+/// Fails early (before any folder is made) when the device cannot be used.
+fn check_device(kind: DeviceKind) -> Result<()> {
+    with_device(kind, |_| Ok(()), |_| Ok(()))
+}
+
 /// Runs `bb run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    check_device(args.device)?;
     if let Some(dir) = &args.resume {
         let prep = reopen(dir)?;
         return run_prepared(&prep, args.device, args.quiet, args.stop_after);
@@ -392,6 +398,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 /// Runs `bb tour` (and `bb` without arguments): every preset, one after the other.
 pub fn tour(args: &TourArgs) -> Result<()> {
+    check_device(args.device)?;
     let t0 = Instant::now();
     let cfgs: Vec<ExperimentConfig> = PRESETS
         .iter()

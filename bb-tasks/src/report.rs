@@ -296,7 +296,13 @@ pub fn write_report(
     }
     writeln!(
         w,
-        "\nValues are means over seeds. A dense layer has equal fan-outs, so it has no balance fit.\n"
+        "\nValues are means over seeds. A dense layer has equal fan-outs, so it has no balance fit. \
+         With the balance policy and SP-out, each refresh sets a unit's fan-out to \
+         d0 + ln((1 - a)/a) / beta from its training-time on-rate, so a fit near the configured \
+         beta with R^2 near 1 says the units kept the rule's line through training (clipping at \
+         k_min and D, regrowth, and the gap between training and evaluation on-rates pull it \
+         off); with SP-in or magnitude pruning the fan-out is not set by the rule, and the fit \
+         says whether a balance emerges anyway.\n"
     )?;
 
     // traffic of input feature groups
@@ -368,27 +374,42 @@ fn write_verdict(w: &mut String, results: &Results) -> Result<()> {
     else {
         return Ok(());
     };
+    let compare = |a: &Stat, b: &Stat| {
+        let d = a.mean - b.mean;
+        let verdict = if a.values.len() < 2 {
+            "one seed, no interval"
+        } else if d.abs() <= a.ci95 + b.ci95 {
+            "the 95 % intervals overlap: no clear difference"
+        } else if d > 0.0 {
+            "the intervals do not overlap: BB is better here"
+        } else {
+            "the intervals do not overlap: BB is worse here"
+        };
+        (100.0 * d, verdict)
+    };
     for other in ["magnitude", "dense"] {
         if let Some(o) = find(other) {
-            let d = best.test_acc.mean - o.test_acc.mean;
-            let overlap = (best.test_acc.mean - o.test_acc.mean).abs()
-                <= best.test_acc.ci95 + o.test_acc.ci95;
-            let verdict = if best.test_acc.values.len() < 2 {
-                "one seed, no interval"
-            } else if overlap {
-                "the 95 % intervals overlap: no clear difference"
-            } else if d > 0.0 {
-                "the intervals do not overlap: BB is better here"
-            } else {
-                "the intervals do not overlap: BB is worse here"
-            };
+            let (d, verdict) = compare(&best.test_acc, &o.test_acc);
             writeln!(
                 w,
-                "- Best BB arm `{}` vs `{}`: {:+.2} accuracy points ({verdict}).",
-                best.arm,
-                other,
-                100.0 * d
+                "- Best BB arm `{}` vs `{other}`: {d:+.2} accuracy points ({verdict}).",
+                best.arm
             )?;
+        }
+    }
+    for a in &bb {
+        for other in ["magnitude", "dense"] {
+            if let (Some(fa), Some(fo)) = (
+                a.flagged_recall.as_ref(),
+                find(other).and_then(|o| o.flagged_recall.as_ref()),
+            ) {
+                let (d, verdict) = compare(fa, fo);
+                writeln!(
+                    w,
+                    "- `{}` vs `{other}` on the rare-decided positives: {d:+.2} recall points ({verdict}).",
+                    a.arm
+                )?;
+            }
         }
     }
     writeln!(w)?;

@@ -223,6 +223,16 @@ fn bad_configs_name_the_field_and_leave_no_run_folder() {
             "train.epochs",
         ),
     ];
+    // a device this build cannot use is refused before anything is written
+    #[cfg(not(feature = "cuda"))]
+    {
+        let out = root.join("cuda");
+        let mut args = run_args("xor", &out);
+        args.device = bb_tasks::cli_run::DeviceKind::Cuda;
+        let msg = format!("{:#}", run(&args).unwrap_err());
+        assert!(msg.contains("--device cuda"), "{msg}");
+        assert!(!out.exists());
+    }
     for (i, (what, text, needle)) in cases.iter().enumerate() {
         let exp = if text.contains('\n') {
             let p = root.join(format!("cfg{i}.toml"));
