@@ -135,6 +135,13 @@ pub enum DataConfig {
         #[serde(default = "default_test_fraction")]
         test_fraction: f64,
     },
+    /// MNIST from IDX files fetched by `scripts/fetch-data.sh`, optionally long-tailed
+    /// (see [`crate::realdata`]).
+    Mnist(crate::realdata::ImageDataConfig),
+    /// Fashion-MNIST, as `mnist`.
+    FashionMnist(crate::realdata::ImageDataConfig),
+    /// The Statlog Shuttle rare-event table (see [`crate::realdata`]).
+    Shuttle(crate::realdata::ShuttleConfig),
 }
 
 fn default_p_min() -> f64 {
@@ -160,6 +167,9 @@ impl DataConfig {
             Self::Xor { .. } => "xor",
             Self::Dnf { .. } => "dnf",
             Self::Digits { .. } => "digits",
+            Self::Mnist(_) => "mnist",
+            Self::FashionMnist(_) => "fashion_mnist",
+            Self::Shuttle(_) => "shuttle",
         }
     }
 
@@ -234,6 +244,8 @@ impl DataConfig {
                     "data.test_fraction must be in (0, 1), got {test_fraction}"
                 );
             }
+            Self::Mnist(ref c) | Self::FashionMnist(ref c) => c.validate()?,
+            Self::Shuttle(ref c) => c.validate()?,
         }
         Ok(())
     }
@@ -274,6 +286,13 @@ impl DataConfig {
                 Ok(dnf(&spec, n_train, n_test, seed))
             }
             Self::Digits { test_fraction } => digits(test_fraction, seed),
+            Self::Mnist(ref c) => {
+                crate::realdata::image_split(crate::realdata::ImageSet::Mnist, c, seed)
+            }
+            Self::FashionMnist(ref c) => {
+                crate::realdata::image_split(crate::realdata::ImageSet::FashionMnist, c, seed)
+            }
+            Self::Shuttle(ref c) => crate::realdata::shuttle_split(c, seed),
         }
     }
 }
