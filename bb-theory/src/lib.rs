@@ -13,16 +13,22 @@
 //! engine (bb-core, bb-actuators) is used only where a simulation needs its policies and
 //! actuators.
 
+pub mod dnf;
+pub mod dynamics;
 pub mod error;
 pub mod fit;
 pub mod lambert;
 pub mod numeric;
+pub mod response;
 pub mod solver;
 pub mod traffic;
 
+pub use dnf::{dnf_scaling, DnfConfig, DnfScaling};
+pub use dynamics::{simulate_dynamics, DynamicsConfig, DynamicsReport};
 pub use error::{Result, TheoryError};
 pub use fit::{fit_balance, BalanceFit, FitOptions};
 pub use lambert::lambert_w0;
+pub use response::{linear_response, ResponseConfig, ResponseReport};
 pub use solver::{
     beta_for_budget, budget_for_beta, entropy, entropy_from_log_activity, kkt_residuals, solve,
     KktResiduals, Solution,

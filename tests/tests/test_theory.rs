@@ -332,3 +332,189 @@ fn fit_recovers_a_noisy_line_within_its_standard_errors() {
         "intercept missed {intercept_misses}/200"
     );
 }
+
+mod response {
+    use bb_theory::{linear_response, ResponseConfig, TheoryError};
+
+    fn small(feedback_gain: f64, beta: f64) -> ResponseConfig {
+        ResponseConfig {
+            feedback_gain,
+            beta,
+            steps: 600,
+            probes: 6,
+            ..ResponseConfig::default()
+        }
+    }
+
+    /// Without feedback the answer is known by construction: a unit's activity depends only on
+    /// its fan-in, so an SP-out cut cannot move it, and an SP-in cut cannot move its fan-out.
+    #[test]
+    fn feedforward_population_gives_the_constructed_verdict() {
+        let r = linear_response(&small(0.0, 0.1)).unwrap();
+        for u in &r.units {
+            assert_eq!(u.sp_out.d_activity, 0.0, "unit {}", u.unit);
+            assert_eq!(u.sp_out.d_fan_out, -1.0, "unit {}", u.unit);
+            assert_eq!(u.sp_in.d_fan_out, 0.0, "unit {}", u.unit);
+            assert!(u.sp_in.d_activity != 0.0, "unit {}", u.unit);
+            assert_eq!(u.sp_in.activity_share, Some(1.0));
+            assert_eq!(u.sp_out.activity_share, Some(0.0));
+        }
+        assert!(r.sp_in_mainly_moves_activity && r.sp_out_mainly_moves_audience && r.claim_holds);
+    }
+
+    /// With strong feedback and a vanishing beta the audience axis carries no weight
+    /// (`beta |dk| -> 0`) while SP-out still moves activity through the feedback loop, so the
+    /// routine must report that SP-out no longer mainly moves audience.
+    #[test]
+    fn strong_feedback_and_tiny_beta_overturn_the_sp_out_claim() {
+        let r = linear_response(&small(8.0, 1e-4)).unwrap();
+        assert!(r.sp_out.mean_abs_d_activity > 0.0);
+        assert!(!r.sp_out_mainly_moves_audience, "{:?}", r.sp_out);
+        assert!(!r.claim_holds);
+        // SP-in is unaffected: its effect is still all on activity.
+        assert!(r.sp_in_mainly_moves_activity);
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let bad = ResponseConfig {
+            p_in: 1.5,
+            ..ResponseConfig::default()
+        };
+        match linear_response(&bad) {
+            Err(TheoryError::InvalidValue { field, .. }) => assert_eq!(field, "p_in"),
+            other => panic!("expected an error naming p_in, got {other:?}"),
+        }
+        let bad = ResponseConfig {
+            probes: 100,
+            ..ResponseConfig::default()
+        };
+        assert!(matches!(
+            linear_response(&bad),
+            Err(TheoryError::InvalidValue {
+                field: "probes",
+                ..
+            })
+        ));
+    }
+}
+
+mod dynamics {
+    use bb_theory::{simulate_dynamics, DynamicsConfig, TheoryError};
+
+    /// The engine's balance rule (SP-out, d0 = 0, beta = 0.1) on 96 stochastic units, seeded.
+    /// From the dense start (all fan-outs equal, so no balance) the population must reach the
+    /// balance line within 5 refreshes and stay there: R^2 above 0.95, the fitted slope within
+    /// 10 % of the rule's beta, and the log-odds distance to the solver's optimum below half
+    /// its starting value.
+    #[test]
+    fn bb_dynamics_converge_to_the_balance_line() {
+        let cfg = DynamicsConfig {
+            refreshes: 12,
+            ..DynamicsConfig::default()
+        };
+        let r = simulate_dynamics(&cfg).unwrap();
+        assert_eq!(r.trajectory.len(), 13);
+        let start = &r.trajectory[0];
+        assert!(start.fit.is_none_or(|f| f.r2 < 0.5), "{start:?}");
+        assert_eq!(start.density, 1.0);
+        let first_good = r
+            .trajectory
+            .iter()
+            .position(|p| {
+                p.fit
+                    .is_some_and(|f| f.r2 > 0.95 && (f.slope - cfg.beta).abs() < 0.1 * cfg.beta)
+            })
+            .expect("never reached the balance line");
+        assert!(
+            first_good <= 5,
+            "balance reached only at refresh {first_good}"
+        );
+        for p in &r.trajectory[first_good..] {
+            let f = p.fit.unwrap();
+            assert!(f.r2 > 0.95, "refresh {}: {f:?}", p.refresh);
+            assert!(
+                (f.slope - cfg.beta).abs() < 0.1 * cfg.beta,
+                "refresh {}: {f:?}",
+                p.refresh
+            );
+            assert!(
+                p.log_odds_distance < 0.5 * start.log_odds_distance,
+                "refresh {}: distance {} vs start {}",
+                p.refresh,
+                p.log_odds_distance,
+                start.log_odds_distance
+            );
+            assert!(p.entropy_gap < start.entropy_gap);
+            assert!(p.density < 1.0);
+        }
+        assert!(r.fit_fc1.is_some() && r.fit_fc2.is_some());
+        assert_eq!(r.units.len(), cfg.n_fc1 + cfg.n_fc2);
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let bad = DynamicsConfig {
+            beta: -1.0,
+            ..DynamicsConfig::default()
+        };
+        assert!(matches!(
+            simulate_dynamics(&bad),
+            Err(TheoryError::InvalidValue { field: "beta", .. })
+        ));
+    }
+}
+
+mod dnf {
+    use bb_theory::{dnf_scaling, DnfConfig, TheoryError};
+
+    /// Small widths only (the full sweep is `bb theory scaling`): every run converges, the
+    /// median steps grow with the width, the fits are reported and the best model is the one
+    /// with the highest R^2, and a rerun with the same seed is identical.
+    #[test]
+    fn dnf_scaling_runs_and_reports_its_fits() {
+        let cfg = DnfConfig {
+            widths: vec![2, 3, 4],
+            seeds: 3,
+            ..DnfConfig::default()
+        };
+        let r = dnf_scaling(&cfg).unwrap();
+        assert!(r.all_converged, "{:?}", r.widths);
+        let medians: Vec<f64> = r.widths.iter().map(|w| w.median_steps.unwrap()).collect();
+        assert!(medians.windows(2).all(|m| m[0] < m[1]), "{medians:?}");
+        assert_eq!(r.fits.len(), 3);
+        assert_eq!(r.fits[0].model, "W ln W");
+        let best = r.fits.iter().max_by(|a, b| a.r2.total_cmp(&b.r2)).unwrap();
+        assert_eq!(r.best_model, Some(best.model));
+        assert!(r.fits.iter().all(|f| f.r2 <= 1.0 + 1e-12));
+        assert!(r.power.is_some_and(|p| p.alpha > 0.0));
+        assert_eq!(dnf_scaling(&cfg).unwrap(), r);
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let bad = DnfConfig {
+            widths: vec![2, 1, 4],
+            ..DnfConfig::default()
+        };
+        assert!(matches!(
+            dnf_scaling(&bad),
+            Err(TheoryError::InvalidElement {
+                field: "widths",
+                index: 1,
+                ..
+            })
+        ));
+        let bad = DnfConfig {
+            target_accuracy: 0.3,
+            ..DnfConfig::default()
+        };
+        assert!(matches!(
+            dnf_scaling(&bad),
+            Err(TheoryError::InvalidValue {
+                field: "target_accuracy",
+                ..
+            })
+        ));
+    }
+}
