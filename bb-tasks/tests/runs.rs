@@ -66,8 +66,20 @@ fn final_json_without_wall(dir: &Path) -> serde_json::Value {
 
 #[test]
 fn a_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one() {
-    let root = scratch("resume");
-    let cfg = ExperimentConfig::from_toml(SMALL).unwrap();
+    // Adam with a cosine schedule, and SGD with Nesterov momentum at a constant rate
+    let sgd = SMALL.replace(
+        "checkpoint_every = 2\n",
+        "checkpoint_every = 2\nlr_schedule = \"constant\"\n[train.optimizer]\nkind = \"sgd\"\nmomentum = 0.9\nnesterov = true\n",
+    );
+    assert_ne!(sgd, SMALL);
+    for (name, text) in [("adam", SMALL.to_string()), ("sgd", sgd)] {
+        resume_matches_uninterrupted(name, &text);
+    }
+}
+
+fn resume_matches_uninterrupted(name: &str, text: &str) {
+    let root = scratch(&format!("resume-{name}"));
+    let cfg = ExperimentConfig::from_toml(text).unwrap();
     let dev = Cpu::default();
     // uninterrupted
     let a = prepare(&cfg, &root.join("a")).unwrap();
