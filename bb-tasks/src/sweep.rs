@@ -1494,6 +1494,26 @@ pub fn render_markdown(cfg: &SweepConfig, s: &SweepSummary, plots: &[(String, St
     w
 }
 
+/// A qualitative palette of twelve distinguishable colours (methods beyond twelve wrap).
+fn method_color(i: usize) -> RGBAColor {
+    const C: [(u8, u8, u8); 12] = [
+        (31, 119, 180),
+        (44, 160, 44),
+        (23, 190, 207),
+        (214, 39, 40),
+        (255, 127, 14),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (102, 51, 0),
+        (0, 0, 128),
+    ];
+    let (r, g, b) = C[(i + C.len() - 1) % C.len()];
+    RGBColor(r, g, b).to_rgba()
+}
+
 /// Accuracy-vs-density plot (mean and 95 % interval per method; dense as a dashed line).
 fn density_plot(path: &Path, cfg: &SweepConfig, d: &DatasetSummary, metric: Metric) -> Result<()> {
     let scale = if metric.percent() { 100.0 } else { 1.0 };
@@ -1533,9 +1553,10 @@ fn density_plot(path: &Path, cfg: &SweepConfig, d: &DatasetSummary, metric: Metr
     let xpad = ((xmax - xmin) * 0.05).max(0.02);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (820, 520)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (980, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
-        let mut chart = ChartBuilder::on(&root)
+        let (plot_area, legend_area) = root.split_horizontally(790);
+        let mut chart = ChartBuilder::on(&plot_area)
             .caption(
                 format!(
                     "{}: {} vs target density (mean ± 95 % CI)",
@@ -1557,8 +1578,28 @@ fn density_plot(path: &Path, cfg: &SweepConfig, d: &DatasetSummary, metric: Metr
             .map_err(|e| anyhow!("plot: {e}"))?;
         let n_m = cfg.methods.len().max(1) as f64;
         for (i, m) in cfg.methods.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = if m.prune {
+                method_color(i)
+            } else {
+                BLACK.to_rgba()
+            };
             let width = if m.family() == Family::Bb { 3 } else { 1 };
+            let label = match m.family() {
+                Family::Dense => format!("{} (dense)", m.name),
+                Family::Reference => format!("{} (reference)", m.name),
+                Family::Bb => format!("{} (BB)", m.name),
+                Family::Baseline => m.name.clone(),
+            };
+            let ly = 40 + 22 * i as i32;
+            legend_area
+                .draw(&PathElement::new(
+                    vec![(4, ly), (30, ly)],
+                    color.stroke_width(width.max(2)),
+                ))
+                .map_err(|e| anyhow!("plot: {e}"))?;
+            legend_area
+                .draw(&Text::new(label, (36, ly - 7), ("sans-serif", 13)))
+                .map_err(|e| anyhow!("plot: {e}"))?;
             if !m.prune {
                 let Some(c) = d.cell(&m.name, None, metric) else {
                     continue;
@@ -1576,24 +1617,18 @@ fn density_plot(path: &Path, cfg: &SweepConfig, d: &DatasetSummary, metric: Metr
                     .collect();
                 chart
                     .draw_series(dashes)
-                    .map_err(|e| anyhow!("plot: {e}"))?
-                    .label(format!("{} (dense)", m.name))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                    .map_err(|e| anyhow!("plot: {e}"))?;
                 continue;
             }
             // small horizontal offsets keep the error bars apart
-            let off = (i as f64 - (n_m - 1.0) / 2.0) * xpad * 0.12;
+            let off = (i as f64 - (n_m - 1.0) / 2.0) * xpad * 0.08;
             let p = pts(m);
             chart
                 .draw_series(LineSeries::new(
                     p.iter().map(|&(x, y, _)| (x + off, y)),
                     color.stroke_width(width),
                 ))
-                .map_err(|e| anyhow!("plot: {e}"))?
-                .label(m.name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(width))
-                });
+                .map_err(|e| anyhow!("plot: {e}"))?;
             chart
                 .draw_series(p.iter().map(|&(x, y, h)| {
                     PathElement::new(
@@ -1609,13 +1644,6 @@ fn density_plot(path: &Path, cfg: &SweepConfig, d: &DatasetSummary, metric: Metr
                 )
                 .map_err(|e| anyhow!("plot: {e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow!("plot: {e}"))?;
         root.present().map_err(|e| anyhow!("plot: {e}"))?;
     }
     write_shared(path, svg.as_bytes()).context("plot")
