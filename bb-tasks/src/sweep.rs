@@ -1066,6 +1066,8 @@ pub struct DatasetSummary {
     pub cells: Vec<Cell>,
     /// BB vs best baseline per density and compared metric.
     pub comparisons: Vec<Comparison>,
+    /// Every BB variant (not only the best) vs the best baseline, per density and metric.
+    pub variants: Vec<Comparison>,
     /// Runs whose achieved density differs from the target by more than 0.005.
     pub off_target: Vec<(RunKey, f64)>,
 }
@@ -1154,6 +1156,7 @@ pub fn summarise(cfg: &SweepConfig, col: &Collected) -> Result<SweepSummary> {
                 .collect()
         };
         let mut comparisons = Vec::new();
+        let mut variants = Vec::new();
         for &dens in &cfg.densities {
             for &metric in &compare {
                 let at = |fam: Family| {
@@ -1169,19 +1172,29 @@ pub fn summarise(cfg: &SweepConfig, col: &Collected) -> Result<SweepSummary> {
                 let (Some(bb), Some(base)) = (at(Family::Bb), at(Family::Baseline)) else {
                     continue;
                 };
-                let paired =
-                    paired_differences(&bb.values, &base.values).map_err(|e| anyhow!(e))?;
-                let verdict = Verdict::of(paired.interval.as_ref());
-                comparisons.push(Comparison {
-                    density: dens,
-                    metric,
-                    bb: bb.method.clone(),
-                    bb_mean: bb.interval.mean,
-                    baseline: base.method.clone(),
-                    baseline_mean: base.interval.mean,
-                    paired,
-                    verdict,
-                });
+                let compare_to = |bb: &Cell| -> Result<Comparison> {
+                    let paired =
+                        paired_differences(&bb.values, &base.values).map_err(|e| anyhow!(e))?;
+                    let verdict = Verdict::of(paired.interval.as_ref());
+                    Ok(Comparison {
+                        density: dens,
+                        metric,
+                        bb: bb.method.clone(),
+                        bb_mean: bb.interval.mean,
+                        baseline: base.method.clone(),
+                        baseline_mean: base.interval.mean,
+                        paired,
+                        verdict,
+                    })
+                };
+                comparisons.push(compare_to(bb)?);
+                for c in cells.iter().filter(|c| {
+                    c.family == Family::Bb
+                        && c.metric == metric
+                        && c.density.is_some_and(|x| (x - dens).abs() < 1e-9)
+                }) {
+                    variants.push(compare_to(c)?);
+                }
             }
         }
         let off_target = recs
@@ -1202,6 +1215,7 @@ pub fn summarise(cfg: &SweepConfig, col: &Collected) -> Result<SweepSummary> {
             metrics,
             cells,
             comparisons,
+            variants,
             off_target,
         });
     }
@@ -1414,6 +1428,51 @@ pub fn render_markdown(cfg: &SweepConfig, s: &SweepSummary, plots: &[(String, St
                 w,
                 "\nThe best BB variant and the best baseline are each chosen by their mean over the same seeds; the interval is that of the per-seed differences.\n"
             );
+            // every BB variant against the best baseline, one table per compared metric
+            let mut metrics: Vec<Metric> = Vec::new();
+            for c in &d.variants {
+                if !metrics.contains(&c.metric) {
+                    metrics.push(c.metric);
+                }
+            }
+            for metric in metrics {
+                let scale = if metric.percent() { 100.0 } else { 1.0 };
+                let _ = writeln!(
+                    w,
+                    "**Each BB variant − the best baseline, {} (points, 95 % interval, verdict)**\n",
+                    metric.key()
+                );
+                let _ = write!(w, "| BB variant |");
+                for dn in &cfg.densities {
+                    let _ = write!(w, " {dn} |");
+                }
+                let _ = writeln!(w);
+                let _ = writeln!(w, "|---|{}", "---|".repeat(cfg.densities.len()));
+                for m in cfg.methods.iter().filter(|m| m.family() == Family::Bb) {
+                    let _ = write!(w, "| {} |", m.name);
+                    for &dn in &cfg.densities {
+                        let c = d.variants.iter().find(|c| {
+                            c.bb == m.name && c.metric == metric && (c.density - dn).abs() < 1e-9
+                        });
+                        let cell = c
+                            .and_then(|c| {
+                                let iv = c.paired.interval.as_ref()?;
+                                let h = iv.half_width.unwrap_or(0.0);
+                                Some(format!(
+                                    "{:+.2} [{:+.2}, {:+.2}] {}",
+                                    iv.mean * scale,
+                                    (iv.mean - h) * scale,
+                                    (iv.mean + h) * scale,
+                                    c.verdict.word()
+                                ))
+                            })
+                            .unwrap_or_else(|| "–".to_string());
+                        let _ = write!(w, " {cell} |");
+                    }
+                    let _ = writeln!(w);
+                }
+                let _ = writeln!(w);
+            }
         }
         // per-density detail
         let _ = writeln!(w, "### All metrics per density\n");

@@ -482,6 +482,13 @@ fn the_summary_reports_intervals_and_verdicts_from_the_records() {
         .iter()
         .all(|c| c.baseline == "mag" && c.bb == "bb"));
     assert!(md.contains("| tt | reference |"), "{md}");
+    // every BB variant against the best baseline (one variant here: the same numbers)
+    assert_eq!(d.variants.len(), d.comparisons.len());
+    assert!(
+        md.contains("**Each BB variant − the best baseline, accuracy"),
+        "{md}"
+    );
+    assert!(md.contains("| bb | +2.00 [+2.00, +2.00] win |"), "{md}");
 }
 
 #[test]
