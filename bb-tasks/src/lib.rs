@@ -6,6 +6,7 @@ pub mod cli_mask;
 pub mod cli_run;
 pub mod cli_sweep;
 pub mod config;
+pub mod convkit;
 pub mod data;
 pub mod io;
 pub mod measure;

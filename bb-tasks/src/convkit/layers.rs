@@ -1,0 +1,533 @@
+//! Layers over channel-major activations `(C·H·W, B)`: convolution, batch- and group-norm,
+//! max-pooling, nearest upsampling, global average pooling and a linear head. Each layer
+//! holds only ids into a [`ParamStore`] and its row plans; the forward passes are generic
+//! over the tape, so the same code runs with gradients (`OwnedTape`) and without
+//! (`NoneTape`).
+
+use super::ops::{self, BatchStats};
+use super::params::{ParamId, ParamKind, ParamStore};
+use super::plan::{Geom, PoolPlan, RowPlan};
+use super::Act;
+use anyhow::{ensure, Result};
+use dfdx::prelude::*;
+use dfdx::tensor::Cpu;
+use rand::Rng;
+use std::sync::Arc;
+
+/// One population's activations, copied from a training forward pass for the pruner:
+/// `[units, positions, batch]` row-major (see `bb_core::Activations::unit_major`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tap {
+    /// Population name (as in the model's topology).
+    pub population: String,
+    /// Channels.
+    pub units: usize,
+    /// Positions per channel.
+    pub positions: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+struct NormUpdate {
+    mean: ParamId,
+    var: ParamId,
+    momentum: f32,
+    stats: BatchStats,
+}
+
+/// Per-pass context: training or evaluation mode, the activations tapped for the pruner and
+/// the batch-norm statistics to fold into the running averages after the step.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Training mode (batch statistics in batch-norm).
+    pub train: bool,
+    /// Whether [`Ctx::tap`] records.
+    pub record: bool,
+    /// Recorded activations.
+    pub taps: Vec<Tap>,
+    norm: Vec<NormUpdate>,
+}
+
+impl Ctx {
+    /// Training mode, recording taps.
+    pub fn train() -> Self {
+        Self {
+            train: true,
+            record: true,
+            taps: Vec::new(),
+            norm: Vec::new(),
+        }
+    }
+
+    /// Evaluation mode (running statistics), recording nothing.
+    pub fn eval() -> Self {
+        Self {
+            train: false,
+            record: false,
+            taps: Vec::new(),
+            norm: Vec::new(),
+        }
+    }
+
+    /// Records the values of `x` (`(units·positions, B)`) as population `population`.
+    pub fn tap<T>(&mut self, population: &str, x: &Act<T>, units: usize) -> Result<()> {
+        if !self.record {
+            return Ok(());
+        }
+        let (rows, batch) = *x.shape();
+        ensure!(
+            units > 0 && rows % units == 0,
+            "tap {population}: {rows} rows are not a multiple of {units} channels"
+        );
+        self.taps.push(Tap {
+            population: population.to_string(),
+            units,
+            positions: rows / units,
+            batch,
+            data: x.as_vec(),
+        });
+        Ok(())
+    }
+
+    /// Folds the batch statistics of this pass into the running averages:
+    /// `r <- (1 - m) r + m s`, with the unbiased variance.
+    pub fn apply_norm_updates(&mut self, store: &mut ParamStore) -> Result<()> {
+        for u in self.norm.drain(..) {
+            let m = u.momentum as f64;
+            let n = u.stats.count as f64;
+            let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+            ensure!(
+                store.host(u.mean).len() == u.stats.mean.len(),
+                "running mean {} does not match its statistics",
+                store.name(u.mean)
+            );
+            for (r, &s) in store.host_mut(u.mean).iter_mut().zip(&u.stats.mean) {
+                *r = ((1.0 - m) * *r as f64 + m * s) as f32;
+            }
+            for (r, &s) in store.host_mut(u.var).iter_mut().zip(&u.stats.var) {
+                *r = ((1.0 - m) * *r as f64 + m * s * unbias) as f32;
+            }
+            store.sync(u.mean);
+            store.sync(u.var);
+        }
+        Ok(())
+    }
+}
+
+/// He-uniform initial weights: uniform in `±sqrt(6 / fan_in)`.
+pub fn he_uniform(rng: &mut impl Rng, n: usize, fan_in: usize) -> Vec<f32> {
+    let bound = (6.0 / fan_in.max(1) as f32).sqrt();
+    (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+}
+
+/// A 2-D convolution: weights `[out, in, kh, kw]` (PyTorch layout), optional bias, any
+/// kernel, stride and zero padding. An optional per-output-channel factor set on the weight
+/// in the store (the SP-in rescale) multiplies the weight rows at use.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Layer name (its weight is `<name>.weight`).
+    pub name: String,
+    /// Weight id.
+    pub w: ParamId,
+    /// Bias id.
+    pub b: Option<ParamId>,
+    /// The window.
+    pub geom: Geom,
+    /// Output channels.
+    pub out: usize,
+    plan: Option<Arc<RowPlan>>,
+}
+
+impl Conv2d {
+    /// Adds `<name>.weight` (and `<name>.bias`) to the store, He-initialised from `rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        inp: usize,
+        out: usize,
+        hw: (usize, usize),
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        ensure!(out > 0, "{name}: output channels must be > 0");
+        let geom = Geom::square(name, inp, hw.0, hw.1, k, stride, pad)?;
+        let plan = if geom.is_pointwise() {
+            None
+        } else {
+            Some(Arc::new(RowPlan::im2col(&geom)?))
+        };
+        let fan_in = inp * k * k;
+        let w = store.add(
+            &format!("{name}.weight"),
+            &[out, inp, k, k],
+            he_uniform(rng, out * fan_in, fan_in),
+            ParamKind::Trainable,
+        )?;
+        let b = if bias {
+            Some(store.add(
+                &format!("{name}.bias"),
+                &[out],
+                vec![0.0; out],
+                ParamKind::Trainable,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: name.to_string(),
+            w,
+            b,
+            geom,
+            out,
+            plan,
+        })
+    }
+
+    /// Output grid `(h, w)`.
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.geom.out[1], self.geom.out[2])
+    }
+
+    /// Kernel dims `[kh, kw]` (for the engine's topology).
+    pub fn kernel(&self) -> [usize; 2] {
+        [self.geom.k[1], self.geom.k[2]]
+    }
+
+    /// `(in·H·W, B) -> (out·Ho·Wo, B)`.
+    pub fn forward<T: Tape<f32, Cpu>>(&self, store: &ParamStore, x: Act<T>) -> Result<Act<T>> {
+        let (rows, b) = *x.shape();
+        let g = &self.geom;
+        ensure!(
+            rows == g.rows_in(),
+            "{}: input has {rows} rows, expected {} channels x {}x{} = {}",
+            self.name,
+            g.c,
+            g.inp[1],
+            g.inp[2],
+            g.rows_in()
+        );
+        let (ck, osp) = (g.c * g.kernel_len(), g.out_spatial());
+        let cols = match &self.plan {
+            Some(p) => ops::row_gather(x, p, &self.name)?,
+            None => x,
+        };
+        let cols = cols.reshape_like(&(ck, osp * b));
+        let w = store
+            .tensor(self.w)
+            .retaped::<T>()
+            .reshape_like(&(self.out, ck));
+        let w = match store.scale(self.w) {
+            Some(s) => {
+                w * s
+                    .clone()
+                    .broadcast_like::<(usize, usize), Axis<1>>(&(self.out, ck))
+            }
+            None => w,
+        };
+        let y = w.matmul(cols);
+        let y = match self.b {
+            Some(bid) => {
+                y + store
+                    .tensor(bid)
+                    .retaped::<T>()
+                    .broadcast_like::<(usize, usize), Axis<1>>(&(self.out, osp * b))
+            }
+            None => y,
+        };
+        Ok(y.reshape_like(&(self.out * osp, b)))
+    }
+}
+
+/// Batch-norm over channels: batch statistics in training mode (folded into running
+/// averages by [`Ctx::apply_norm_updates`]), running statistics in evaluation mode.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    /// Layer name.
+    pub name: String,
+    /// Channels.
+    pub channels: usize,
+    gamma: ParamId,
+    beta: ParamId,
+    mean: ParamId,
+    var: ParamId,
+    /// Denominator guard.
+    pub eps: f64,
+    /// Weight of a new batch in the running averages.
+    pub momentum: f32,
+}
+
+impl BatchNorm {
+    /// Adds `<name>.{weight,bias}` (1, 0) and `<name>.running_{mean,var}` (0, 1).
+    pub fn new(store: &mut ParamStore, name: &str, channels: usize) -> Result<Self> {
+        ensure!(channels > 0, "{name}: channels must be > 0");
+        let add = |s: &mut ParamStore, what: &str, v: f32, kind| {
+            s.add(
+                &format!("{name}.{what}"),
+                &[channels],
+                vec![v; channels],
+                kind,
+            )
+        };
+        Ok(Self {
+            name: name.to_string(),
+            channels,
+            gamma: add(store, "weight", 1.0, ParamKind::Trainable)?,
+            beta: add(store, "bias", 0.0, ParamKind::Trainable)?,
+            mean: add(store, "running_mean", 0.0, ParamKind::Buffer)?,
+            var: add(store, "running_var", 1.0, ParamKind::Buffer)?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// Normalizes `(channels·S, B)`.
+    pub fn forward<T: Tape<f32, Cpu>>(
+        &self,
+        store: &ParamStore,
+        x: Act<T>,
+        ctx: &mut Ctx,
+    ) -> Result<Act<T>> {
+        let (g, b) = (store.tensor(self.gamma), store.tensor(self.beta));
+        if ctx.train {
+            let (y, stats) = ops::batch_norm_train(x, g, b, self.channels, self.eps, &self.name)?;
+            ctx.norm.push(NormUpdate {
+                mean: self.mean,
+                var: self.var,
+                momentum: self.momentum,
+                stats,
+            });
+            Ok(y)
+        } else {
+            ops::batch_norm_eval(
+                x,
+                g,
+                b,
+                store.host(self.mean),
+                store.host(self.var),
+                self.channels,
+                self.eps,
+                &self.name,
+            )
+        }
+    }
+}
+
+/// Group-norm over channel groups (the same in training and evaluation).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    /// Layer name.
+    pub name: String,
+    /// Channels.
+    pub channels: usize,
+    /// Groups.
+    pub groups: usize,
+    gamma: ParamId,
+    beta: ParamId,
+    /// Denominator guard.
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    /// Adds `<name>.{weight,bias}` (1, 0).
+    pub fn new(store: &mut ParamStore, name: &str, channels: usize, groups: usize) -> Result<Self> {
+        ensure!(
+            groups > 0 && channels > 0 && channels % groups == 0,
+            "{name}: {channels} channels cannot be split into {groups} groups"
+        );
+        let gamma = store.add(
+            &format!("{name}.weight"),
+            &[channels],
+            vec![1.0; channels],
+            ParamKind::Trainable,
+        )?;
+        let beta = store.add(
+            &format!("{name}.bias"),
+            &[channels],
+            vec![0.0; channels],
+            ParamKind::Trainable,
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            channels,
+            groups,
+            gamma,
+            beta,
+            eps: 1e-5,
+        })
+    }
+
+    /// Normalizes `(channels·S, B)`.
+    pub fn forward<T: Tape<f32, Cpu>>(&self, store: &ParamStore, x: Act<T>) -> Result<Act<T>> {
+        ops::group_norm(
+            x,
+            store.tensor(self.gamma),
+            store.tensor(self.beta),
+            self.channels,
+            self.groups,
+            self.eps,
+            &self.name,
+        )
+    }
+}
+
+/// Max-pooling with a square window.
+#[derive(Debug, Clone)]
+pub struct MaxPool {
+    /// Layer name.
+    pub name: String,
+    /// The window.
+    pub geom: Geom,
+    plan: Arc<PoolPlan>,
+}
+
+impl MaxPool {
+    /// `k x k` windows with stride `stride`, no padding, over `c` channels of `h x w`.
+    pub fn new(name: &str, c: usize, hw: (usize, usize), k: usize, stride: usize) -> Result<Self> {
+        let geom = Geom::square(name, c, hw.0, hw.1, k, stride, 0)?;
+        let plan = Arc::new(PoolPlan::new(name, &geom)?);
+        Ok(Self {
+            name: name.to_string(),
+            geom,
+            plan,
+        })
+    }
+
+    /// Output grid `(h, w)`.
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.geom.out[1], self.geom.out[2])
+    }
+
+    /// `(c·H·W, B) -> (c·Ho·Wo, B)`.
+    pub fn forward<T: Tape<f32, Cpu>>(&self, x: Act<T>) -> Result<Act<T>> {
+        ops::max_pool(x, &self.plan, &self.name)
+    }
+}
+
+/// Nearest upsampling by an integer factor.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    /// Layer name.
+    pub name: String,
+    /// Output grid.
+    pub out_hw: (usize, usize),
+    plan: Arc<RowPlan>,
+}
+
+impl Upsample {
+    /// Upsamples `c` channels of `h x w` by `factor` in both dimensions.
+    pub fn new(name: &str, c: usize, hw: (usize, usize), factor: usize) -> Result<Self> {
+        let plan = Arc::new(RowPlan::upsample(
+            name,
+            c,
+            [1, hw.0, hw.1],
+            [1, factor, factor],
+        )?);
+        Ok(Self {
+            name: name.to_string(),
+            out_hw: (hw.0 * factor, hw.1 * factor),
+            plan,
+        })
+    }
+
+    /// `(c·H·W, B) -> (c·fH·fW, B)`.
+    pub fn forward<T: Tape<f32, Cpu>>(&self, x: Act<T>) -> Result<Act<T>> {
+        ops::row_gather(x, &self.plan, &self.name)
+    }
+}
+
+/// Global average pooling: `(c·S, B) -> (c, B)`.
+pub fn global_avg_pool<T: Tape<f32, Cpu>>(x: Act<T>, channels: usize) -> Result<Act<T>> {
+    let (rows, b) = *x.shape();
+    ensure!(
+        channels > 0 && rows % channels == 0,
+        "global average pool: {rows} rows are not a multiple of {channels} channels"
+    );
+    Ok(x.reshape_like(&(channels, rows / channels, b))
+        .mean::<(usize, usize), Axis<1>>())
+}
+
+/// A dense head producing contiguous, batch-major logits `(B, out)` from features
+/// `(in, B)`: weights `[out, in]`, bias `[out]`.
+///
+/// The logits are a fresh matmul output, never a permuted view: dfdx 0.13's softmax,
+/// log-softmax and cross-entropy give wrong gradients on non-contiguous inputs.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Layer name.
+    pub name: String,
+    /// Weight id.
+    pub w: ParamId,
+    /// Bias id.
+    pub b: ParamId,
+    /// Input features.
+    pub inp: usize,
+    /// Outputs.
+    pub out: usize,
+}
+
+impl Linear {
+    /// Adds `<name>.{weight,bias}`, uniform in `±1/sqrt(in)`.
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self> {
+        ensure!(
+            inp > 0 && out > 0,
+            "{name}: input and output sizes must be > 0"
+        );
+        let bound = 1.0 / (inp as f32).sqrt();
+        let w = store.add(
+            &format!("{name}.weight"),
+            &[out, inp],
+            (0..out * inp)
+                .map(|_| rng.gen_range(-bound..bound))
+                .collect(),
+            ParamKind::Trainable,
+        )?;
+        let b = store.add(
+            &format!("{name}.bias"),
+            &[out],
+            (0..out).map(|_| rng.gen_range(-bound..bound)).collect(),
+            ParamKind::Trainable,
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            w,
+            b,
+            inp,
+            out,
+        })
+    }
+
+    /// `(in, B) -> (B, out)`.
+    pub fn forward<T: Tape<f32, Cpu>>(&self, store: &ParamStore, h: Act<T>) -> Result<Act<T>> {
+        let (i, b) = *h.shape();
+        ensure!(
+            i == self.inp,
+            "{}: input has {i} features, expected {}",
+            self.name,
+            self.inp
+        );
+        let ht = h.permute::<(usize, usize), Axes2<1, 0>>();
+        let w = store
+            .tensor(self.w)
+            .retaped::<T>()
+            .reshape_like(&(self.out, i))
+            .permute::<(usize, usize), Axes2<1, 0>>();
+        let y = ht.matmul(w);
+        Ok(y + store
+            .tensor(self.b)
+            .retaped::<T>()
+            .broadcast_like::<(usize, usize), Axis<0>>(&(b, self.out)))
+    }
+}

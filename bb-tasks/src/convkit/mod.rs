@@ -1,0 +1,70 @@
+//! Convolutional building blocks on stable dfdx 0.13, CPU.
+//!
+//! dfdx's own convolution and pooling need its `nightly` feature; this kit builds them from
+//! one differentiable *row gather* registered through dfdx's public tape API.
+//!
+//! **Layout.** Every activation is a 2-D tensor `(C·H·W, B)`: channel-major, one row per
+//! (channel, position), the batch last and contiguous. A convolution gathers its im2col
+//! matrix `(C·kh·kw·Ho·Wo, B)` with precomputed runs of rows ([`RowPlan`]), views it as
+//! `(C·kh·kw, Ho·Wo·B)` and multiplies the weights `[O, C, kh, kw]` viewed as `(O, C·kh·kw)`;
+//! the product `(O, Ho·Wo·B)` *is* the next layer's `(O·Ho·Wo, B)`, so no transpose is
+//! needed between layers. The same layout is the engine's unit-major activation
+//! `[units, positions, batch]`, so a population's on-rates are read straight from it.
+//!
+//! **Parts.** [`plan`] (window geometry and row tables), [`ops`] (the custom differentiable
+//! ops: row gather, max-pool, fused batch-/group-norm, row concatenation, Siamese batch
+//! folding, weighted BCE), [`layers`] (convolution, norms, pooling, upsampling, global
+//! average pooling, a contiguous linear head) and [`params`] (the parameter store with host
+//! master copies, saved in checkpoints).
+//!
+//! **Trap.** dfdx 0.13's softmax, log-softmax, logsumexp and cross-entropy compute wrong
+//! gradients on non-contiguous inputs (a permuted view). [`layers::Linear`] produces fresh,
+//! batch-major logits, and the losses here use [`crate::model::contiguous_cross_entropy`].
+
+pub mod layers;
+pub mod ops;
+pub mod params;
+pub mod plan;
+
+pub use layers::{
+    global_avg_pool, BatchNorm, Conv2d, Ctx, GroupNorm, Linear, MaxPool, Tap, Upsample,
+};
+pub use params::{ParamId, ParamKind, ParamStore};
+pub use plan::{Geom, PoolPlan, RowPlan, Run};
+
+use anyhow::{ensure, Result};
+use dfdx::prelude::*;
+use dfdx::tensor::Cpu;
+
+/// A channel-major activation `(C·H·W, B)` on the CPU with tape `T`.
+pub type Act<T> = Tensor<(usize, usize), f32, Cpu, T>;
+
+/// A flat parameter tensor.
+pub type Param = Tensor<(usize,), f32, Cpu>;
+
+/// Converts a batch of samples stored one after the other (`[B, F]`, e.g. images `[B, C, H,
+/// W]`) to the channel-major layout `[F, B]`.
+pub fn to_channel_major(x: &[f32], batch: usize, features: usize) -> Result<Vec<f32>> {
+    ensure!(
+        batch > 0 && x.len() == batch * features,
+        "input has {} values, expected batch {batch} x {features} features",
+        x.len()
+    );
+    let mut out = vec![0f32; x.len()];
+    for (b, sample) in x.chunks_exact(features).enumerate() {
+        for (f, &v) in sample.iter().enumerate() {
+            out[f * batch + b] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// Converts `[F, B]` back to `[B, F]`.
+pub fn to_batch_major(x: &[f32], features: usize, batch: usize) -> Result<Vec<f32>> {
+    to_channel_major(x, features, batch)
+}
+
+/// A channel-major input tensor from samples stored one after the other (`[B, F]`).
+pub fn input(dev: &Cpu, x: &[f32], batch: usize, features: usize) -> Result<Act<NoneTape>> {
+    Ok(dev.tensor_from_vec(to_channel_major(x, batch, features)?, (features, batch)))
+}
