@@ -5,6 +5,7 @@ pub mod cli_bench;
 pub mod cli_mask;
 pub mod cli_run;
 pub mod cli_sweep;
+pub mod cli_theory;
 pub mod config;
 pub mod convkit;
 pub mod data;

@@ -33,6 +33,8 @@ enum Cmd {
     Sweep(bb_tasks::cli_sweep::SweepArgs),
     /// Gather the finished runs of a sweep folder into its summary.
     Merge(bb_tasks::cli_sweep::MergeArgs),
+    /// The selectivity-audience law: solve, fit, simulate, linear response, DNF scaling.
+    Theory(bb_tasks::cli_theory::TheoryArgs),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Some(Cmd::Tour(args)) => bb_tasks::cli_run::tour(&args),
         Some(Cmd::Sweep(args)) => bb_tasks::cli_sweep::sweep(&args),
         Some(Cmd::Merge(args)) => bb_tasks::cli_sweep::merge(&args),
+        Some(Cmd::Theory(args)) => bb_tasks::cli_theory::run(&args),
         None => bb_tasks::cli_run::tour(&Default::default()),
     };
     if let Err(e) = result {
