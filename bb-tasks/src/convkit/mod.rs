@@ -14,13 +14,15 @@
 //! **Parts.** [`plan`] (window geometry and row tables), [`ops`] (the custom differentiable
 //! ops: row gather, max-pool, fused batch-/group-norm, row concatenation, Siamese batch
 //! folding, weighted BCE), [`layers`] (convolution, norms, pooling, upsampling, global
-//! average pooling, a contiguous linear head) and [`params`] (the parameter store with host
-//! master copies, saved in checkpoints).
+//! average pooling, a contiguous linear head), [`params`] (the parameter store with host
+//! master copies, saved in checkpoints) and [`engine`] (the training step that drives the
+//! pruner on conv layers).
 //!
 //! **Trap.** dfdx 0.13's softmax, log-softmax, logsumexp and cross-entropy compute wrong
 //! gradients on non-contiguous inputs (a permuted view). [`layers::Linear`] produces fresh,
 //! batch-major logits, and the losses here use [`crate::model::contiguous_cross_entropy`].
 
+pub mod engine;
 pub mod layers;
 pub mod ops;
 pub mod params;
