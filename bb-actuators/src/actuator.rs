@@ -1,5 +1,5 @@
 use crate::mask::fill_words;
-use crate::select::{key_of, threshold_key, NOT_A_CANDIDATE};
+use crate::select::{key_of, threshold_key_with, Histogram};
 use crate::shape::check_len;
 use crate::{ActuatorError, BitMask, EdgeShape};
 use rayon::prelude::*;
@@ -127,6 +127,7 @@ impl Actuator {
 #[derive(Debug, Default, Clone)]
 pub struct ActuatorScratch {
     keys: Vec<Vec<u64>>,
+    hists: Vec<Histogram>,
     thresholds: Vec<u64>,
 }
 
@@ -176,18 +177,16 @@ pub fn apply_targets(
     Ok(())
 }
 
-#[inline]
+#[inline(always)]
 fn edge_key(score: f32, index: usize, live: bool, regrow: bool) -> u64 {
-    if regrow || live {
-        key_of(score, index)
-    } else {
-        NOT_A_CANDIDATE
-    }
+    // Branch-free, so the loops around it vectorize: 0 (NOT_A_CANDIDATE) for a dead edge
+    // without regrowth.
+    key_of(score, index) * u64::from(regrow | live)
 }
 
 /// The new bits of one mask word whose first column is `lo`: entry `c` stays or becomes live
 /// when its key (slab index `key_index(c)`) reaches `thr(c)`.
-#[inline]
+#[inline(always)]
 fn rebuild_word(
     old: u64,
     scores: &[f32],
@@ -209,6 +208,7 @@ fn rebuild_word(
 fn ensure_keys(scratch: &mut ActuatorScratch, n: usize, len: usize) {
     if scratch.keys.len() < n {
         scratch.keys.resize_with(n, Vec::new);
+        scratch.hists.resize_with(n, Histogram::default);
     }
     for k in &mut scratch.keys[..n] {
         if k.len() < len {
@@ -229,33 +229,66 @@ fn select_rows(
     let n = workers(shape.edges());
     ensure_keys(scratch, n, cols);
     let rows_per = shape.out.div_ceil(n);
-    let row_job = |r: usize, words: &mut [u64], keys: &mut [u64]| {
-        let srow = &scores[r * cols..(r + 1) * cols];
-        let k = targets[r] as usize;
-        if regrow && k >= cols {
-            fill_words(words, cols, true);
-            return;
-        }
-        let keys = &mut keys[..cols];
-        for (c, key) in keys.iter_mut().enumerate() {
-            *key = edge_key(srow[c], c, (words[c / 64] >> (c % 64)) & 1 == 1, regrow);
-        }
-        let thr = threshold_key(keys, k);
-        for (wi, w) in words.iter_mut().enumerate() {
-            let lo = wi * 64;
-            let hi = (lo + 64).min(cols);
-            *w = rebuild_word(*w, &srow[lo..hi], lo, regrow, |c| c, |_| thr);
-        }
-    };
     mask.words_mut()
         .par_chunks_mut(rows_per * wpr)
-        .zip(scratch.keys[..n].par_iter_mut())
+        .zip(
+            scratch.keys[..n]
+                .par_iter_mut()
+                .zip(scratch.hists[..n].par_iter_mut()),
+        )
         .enumerate()
-        .for_each(|(b, (chunk, keys))| {
-            for (i, words) in chunk.chunks_mut(wpr).enumerate() {
-                row_job(b * rows_per + i, words, keys);
-            }
+        .for_each(|(b, (chunk, (keys, hist)))| {
+            rows_block(
+                scores,
+                cols,
+                targets,
+                regrow,
+                b * rows_per,
+                wpr,
+                chunk,
+                keys,
+                hist,
+            );
         });
+}
+
+crate::multiversion! {
+    /// Re-selects the rows `r0..` whose mask words are `chunk` (`wpr` words per row).
+    #[allow(clippy::too_many_arguments)]
+    fn rows_block(
+        scores: &[f32],
+        cols: usize,
+        targets: &[u32],
+        regrow: bool,
+        r0: usize,
+        wpr: usize,
+        chunk: &mut [u64],
+        keys: &mut [u64],
+        hist: &mut Histogram,
+    ) {
+        for (i, words) in chunk.chunks_mut(wpr).enumerate() {
+            let r = r0 + i;
+            let srow = &scores[r * cols..(r + 1) * cols];
+            let k = targets[r] as usize;
+            if regrow && k >= cols {
+                fill_words(words, cols, true);
+                continue;
+            }
+            let keys = &mut keys[..cols];
+            for (wi, (&w, kc)) in words.iter().zip(keys.chunks_mut(64)).enumerate() {
+                let lo = wi * 64;
+                for (b, key) in kc.iter_mut().enumerate() {
+                    *key = edge_key(srow[lo + b], lo + b, (w >> b) & 1 == 1, regrow);
+                }
+            }
+            let thr = threshold_key_with(keys, k, hist);
+            for (wi, w) in words.iter_mut().enumerate() {
+                let lo = wi * 64;
+                let hi = (lo + 64).min(cols);
+                *w = rebuild_word(*w, &srow[lo..hi], lo, regrow, |c| c, |_| thr);
+            }
+        }
+    }
 }
 
 fn select_columns(
@@ -277,40 +310,83 @@ fn select_columns(
         scratch
             .thresholds
             .par_chunks_mut(cols_per)
-            .zip(scratch.keys[..n].par_iter_mut())
+            .zip(
+                scratch.keys[..n]
+                    .par_iter_mut()
+                    .zip(scratch.hists[..n].par_iter_mut()),
+            )
             .enumerate()
-            .for_each(|(b, (thr, keys))| {
+            .for_each(|(b, (thr, (keys, hist)))| {
                 let c0 = b * cols_per;
                 for (s, strip) in thr.chunks_mut(COLUMN_BLOCK).enumerate() {
                     let s0 = c0 + s * COLUMN_BLOCK;
-                    let width = strip.len();
-                    for r in 0..rows {
-                        let srow = &scores[r * cols + s0..r * cols + s0 + width];
-                        for (j, &sc) in srow.iter().enumerate() {
-                            keys[j * rows + r] = edge_key(sc, r, m.get(r, s0 + j), regrow);
-                        }
-                    }
+                    gather_strip(
+                        scores,
+                        m.words(),
+                        wpr,
+                        rows,
+                        cols,
+                        s0,
+                        strip.len(),
+                        regrow,
+                        keys,
+                    );
                     for (j, t) in strip.iter_mut().enumerate() {
                         let k = targets[s0 + j] as usize;
-                        *t = threshold_key(&mut keys[j * rows..(j + 1) * rows], k);
+                        *t = threshold_key_with(&mut keys[j * rows..(j + 1) * rows], k, hist);
                     }
                 }
             });
     }
     // Pass 2: rebuild every row from the thresholds.
     let thresholds = &scratch.thresholds;
+    let rows_per = 32;
     mask.words_mut()
-        .par_chunks_mut(wpr)
+        .par_chunks_mut(rows_per * wpr)
         .enumerate()
-        .with_min_len(64)
-        .for_each(|(r, words)| {
+        .for_each(|(b, chunk)| {
+            rebuild_rows(scores, cols, wpr, b * rows_per, regrow, thresholds, chunk)
+        });
+}
+
+crate::multiversion! {
+    /// Keys of the `width` columns starting at `s0` (a multiple of 64: one mask word per row),
+    /// column-major into `keys` (`rows` keys per column).
+    #[allow(clippy::too_many_arguments)]
+    fn gather_strip(
+        scores: &[f32],
+        words: &[u64],
+        wpr: usize,
+        rows: usize,
+        cols: usize,
+        s0: usize,
+        width: usize,
+        regrow: bool,
+        keys: &mut [u64],
+    ) {
+        for r in 0..rows {
+            let srow = &scores[r * cols + s0..r * cols + s0 + width];
+            let w = words[r * wpr + s0 / 64];
+            for (j, &sc) in srow.iter().enumerate() {
+                keys[j * rows + r] = edge_key(sc, r, (w >> j) & 1 == 1, regrow);
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// Rebuilds rows `r0..` (mask words `chunk`) from per-column threshold keys.
+    fn rebuild_rows(scores: &[f32], cols: usize, wpr: usize, r0: usize, regrow: bool, thresholds: &[u64], chunk: &mut [u64]) {
+        for (i, words) in chunk.chunks_mut(wpr).enumerate() {
+            let r = r0 + i;
             let srow = &scores[r * cols..(r + 1) * cols];
             for (wi, w) in words.iter_mut().enumerate() {
                 let lo = wi * 64;
                 let hi = (lo + 64).min(cols);
                 *w = rebuild_word(*w, &srow[lo..hi], lo, regrow, |_| r, |c| thresholds[c]);
             }
-        });
+        }
+    }
 }
 
 /// What [`sync_weights`] changed.
@@ -399,23 +475,38 @@ pub fn rescale_factors(rescale: Rescale, mask: &BitMask, out: &mut [f32]) {
 /// dead bits word by word and allocates nothing.
 pub fn zero_dead(shape: &EdgeShape, mask: &BitMask, buf: &mut [f32]) -> Result<(), ActuatorError> {
     check_len("buffer", shape.weight_len(), buf.len())?;
-    let (cols, kl) = (shape.inp, shape.kernel_len());
-    for (r, row) in buf.chunks_mut(cols * kl).enumerate() {
-        for (wi, &w) in mask.row_words(r).iter().enumerate() {
-            let lo = wi * 64;
-            let n = (cols - lo).min(64);
-            let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-            let mut dead = !w & valid;
-            if dead == valid {
-                row[lo * kl..(lo + n) * kl].fill(0.0);
-                continue;
-            }
-            while dead != 0 {
-                let c = lo + dead.trailing_zeros() as usize;
-                dead &= dead - 1;
-                row[c * kl..(c + 1) * kl].fill(0.0);
+    zero_dead_rows(shape.inp, shape.kernel_len(), mask, buf);
+    Ok(())
+}
+
+crate::multiversion! {
+    fn zero_dead_rows(cols: usize, kl: usize, mask: &BitMask, buf: &mut [f32]) {
+        for (r, row) in buf.chunks_mut(cols * kl).enumerate() {
+            for (wi, &w) in mask.row_words(r).iter().enumerate() {
+                let lo = wi * 64;
+                let n = (cols - lo).min(64);
+                let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                let dead = !w & valid;
+                if dead == 0 {
+                    continue;
+                }
+                let seg = &mut row[lo * kl..(lo + n) * kl];
+                if kl == 1 {
+                    // Branch-free select: vectorizes.
+                    for (b, x) in seg.iter_mut().enumerate() {
+                        if (w >> b) & 1 == 0 {
+                            *x = 0.0;
+                        }
+                    }
+                } else {
+                    let mut d = dead;
+                    while d != 0 {
+                        let c = d.trailing_zeros() as usize;
+                        d &= d - 1;
+                        seg[c * kl..(c + 1) * kl].fill(0.0);
+                    }
+                }
             }
         }
     }
-    Ok(())
 }

@@ -23,6 +23,7 @@ mod error;
 mod mask;
 mod select;
 mod shape;
+mod simd;
 
 pub use actuator::{
     apply_targets, rescale_factors, sync_weights, zero_dead, Actuator, ActuatorScratch, Rescale,
@@ -30,5 +31,7 @@ pub use actuator::{
 };
 pub use error::ActuatorError;
 pub use mask::BitMask;
-pub use select::{key_of, select_top_k, threshold_key, NOT_A_CANDIDATE};
+pub use select::{
+    key_of, select_top_k, threshold_key, threshold_key_with, Histogram, NOT_A_CANDIDATE,
+};
 pub use shape::{edge_scores, EdgeShape};

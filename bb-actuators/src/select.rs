@@ -13,11 +13,12 @@ pub const NOT_A_CANDIDATE: u64 = 0;
 ///
 /// Negative and NaN scores are treated as 0 (scores are magnitudes; callers validate
 /// finiteness before selecting). `index` must be below `u32::MAX`.
-#[inline]
+#[inline(always)]
 pub fn key_of(score: f32, index: usize) -> u64 {
     debug_assert!(index < u32::MAX as usize);
-    let s = if score > 0.0 { score } else { 0.0 };
-    ((s.to_bits() as u64) << 32) | (u32::MAX as u64 - index as u64)
+    // `max` maps negatives (and NaN) to 0; the mask clears the sign bit of -0.0.
+    let bits = score.max(0.0).to_bits() & 0x7fff_ffff;
+    ((bits as u64) << 32) | (u32::MAX as u64 - index as u64)
 }
 
 /// Returns the threshold key that selects the `k` largest candidate keys of `keys`:
@@ -31,48 +32,73 @@ pub fn key_of(score: f32, index: usize) -> u64 {
 /// holding the k-th key, the keys of that bucket are compacted to the front, and the next 11
 /// bits are examined, until few keys remain for `select_nth_unstable`. Each level is one pass
 /// of plain loads and increments, so the whole selection costs about two passes over the slab.
+#[inline]
 pub fn threshold_key(keys: &mut [u64], k: usize) -> u64 {
+    threshold_key_with(keys, k, &mut Histogram::default())
+}
+
+/// Bucket counts of the radix select, kept between calls so that they are not cleared for
+/// every slab: every use leaves them all zero again.
+#[derive(Debug, Clone)]
+pub struct Histogram(Box<[u32; 1 << RADIX_BITS]>);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self(Box::new([0; 1 << RADIX_BITS]))
+    }
+}
+
+/// [`threshold_key`] with a caller-owned (all-zero) histogram.
+#[inline]
+pub fn threshold_key_with(keys: &mut [u64], k: usize, hist: &mut Histogram) -> u64 {
     if k == 0 {
         return u64::MAX;
     }
     if k >= keys.len() {
         return 1;
     }
+    let hist = &mut *hist.0;
     let (mut len, mut need) = (keys.len(), k);
-    let mut hist = [0u32; 1 << RADIX_BITS];
     // Bit 63 is always zero (scores are non-negative), so the levels start at bit 62.
     let mut top: u32 = 63;
     while len > SMALL_SLAB && top > 0 {
         let shift = top.saturating_sub(RADIX_BITS);
-        let mask = (1u64 << (top - shift)) - 1;
-        hist.fill(0);
+        let width = top - shift;
         for &key in &keys[..len] {
-            hist[((key >> shift) & mask) as usize] += 1;
+            hist[bucket_of(key, shift, width)] += 1;
         }
         let mut above = 0usize;
         let mut bucket = 0;
-        for b in (0..=mask as usize).rev() {
+        for b in (0..1usize << width).rev() {
             let h = hist[b] as usize;
             if above + h >= need {
-                bucket = b as u64;
+                bucket = b;
                 break;
             }
             above += h;
         }
         need -= above;
+        // Branch-free compaction of the chosen bucket's keys to the front; the counts are
+        // cleared on the way, leaving the histogram zero for the next level or call.
         let mut j = 0;
         for i in 0..len {
             let key = keys[i];
-            if (key >> shift) & mask == bucket {
-                keys[j] = key;
-                j += 1;
-            }
+            let b = bucket_of(key, shift, width);
+            hist[b] = 0;
+            keys[j] = key;
+            j += usize::from(b == bucket);
         }
         len = j;
         top = shift;
     }
     let (_, kth, _) = keys[..len].select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
     (*kth).max(1)
+}
+
+/// The `width`-bit digit of `key` starting at bit `shift` (always below `1 << RADIX_BITS`).
+#[inline(always)]
+fn bucket_of(key: u64, shift: u32, width: u32) -> usize {
+    ((key >> shift) as usize) & ((1usize << width) - 1) & ((1 << RADIX_BITS) - 1)
 }
 
 const RADIX_BITS: u32 = 11;

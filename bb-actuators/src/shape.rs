@@ -126,23 +126,7 @@ pub fn edge_scores(
         .with_min_len(16)
         .filter_map(|(o, ((srow, wrow), hrow))| {
             let words = &mask.words()[o * wpr..(o + 1) * wpr];
-            let mut finite = true;
-            for (c, s) in srow.iter_mut().enumerate() {
-                let live = (words[c / 64] >> (c % 64)) & 1 == 1;
-                let src = if live { wrow } else { hrow };
-                let v = if kl == 1 {
-                    src[c].abs()
-                } else {
-                    src[c * kl..(c + 1) * kl].iter().map(|x| x.abs()).sum()
-                };
-                finite &= v.is_finite();
-                *s = v;
-            }
-            if finite {
-                None
-            } else {
-                Some(o)
-            }
+            (!score_row(words, kl, wrow, hrow, srow)).then_some(o)
         })
         .min();
     if let Some(o) = bad {
@@ -171,6 +155,32 @@ pub fn edge_scores(
         }
     }
     Ok(())
+}
+
+crate::multiversion! {
+    /// Scores one row; returns whether every score is finite.
+    fn score_row(words: &[u64], kl: usize, wrow: &[f32], hrow: &[f32], srow: &mut [f32]) -> bool {
+        let mut finite = true;
+        if kl == 1 {
+            for (wi, sc) in srow.chunks_mut(64).enumerate() {
+                let (word, lo) = (words[wi], wi * 64);
+                let (wc, hc) = (&wrow[lo..lo + sc.len()], &hrow[lo..lo + sc.len()]);
+                for (b, s) in sc.iter_mut().enumerate() {
+                    let v = if (word >> b) & 1 == 1 { wc[b] } else { hc[b] };
+                    finite &= v.is_finite();
+                    *s = v.abs();
+                }
+            }
+        } else {
+            for (c, s) in srow.iter_mut().enumerate() {
+                let src = if (words[c / 64] >> (c % 64)) & 1 == 1 { wrow } else { hrow };
+                let v: f32 = src[c * kl..(c + 1) * kl].iter().map(|x| x.abs()).sum();
+                finite &= v.is_finite();
+                *s = v;
+            }
+        }
+        finite
+    }
 }
 
 pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<(), ActuatorError> {

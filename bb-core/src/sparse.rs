@@ -213,18 +213,8 @@ impl CsrLayer {
     fn rows_into(&self, xt: &[f32], batch: usize, yt: &mut [f32]) {
         let work = self.nnz() * batch;
         let chunk = ROWS_PER_TASK * batch;
-        let run = |(t, block): (usize, &mut [f32])| {
-            let o0 = t * ROWS_PER_TASK;
-            for (r, acc) in block.chunks_mut(batch).enumerate() {
-                let o = o0 + r;
-                let (a, b) = (self.row_ptr[o] as usize, self.row_ptr[o + 1] as usize);
-                let bias = self.bias.as_ref().map_or(0.0, |v| v[o]);
-                match &self.cols {
-                    Columns::U16(c) => row_dot(&c[a..b], &self.vals[a..b], xt, batch, bias, acc),
-                    Columns::U32(c) => row_dot(&c[a..b], &self.vals[a..b], xt, batch, bias, acc),
-                }
-            }
-        };
+        let run =
+            |(t, block): (usize, &mut [f32])| csr_block(self, t * ROWS_PER_TASK, xt, batch, block);
         if work < PARALLEL_MIN_WORK {
             yt.chunks_mut(chunk).enumerate().for_each(run);
         } else {
@@ -233,8 +223,23 @@ impl CsrLayer {
     }
 }
 
+bb_actuators::multiversion! {
+    /// Rows `o0..` of `yt` (one `batch`-long slice per row).
+    fn csr_block(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
+        for (r, acc) in block.chunks_mut(batch).enumerate() {
+            let o = o0 + r;
+            let (a, b) = (layer.row_ptr[o] as usize, layer.row_ptr[o + 1] as usize);
+            let bias = layer.bias.as_ref().map_or(0.0, |v| v[o]);
+            match &layer.cols {
+                Columns::U16(c) => row_dot(&c[a..b], &layer.vals[a..b], xt, batch, bias, acc),
+                Columns::U32(c) => row_dot(&c[a..b], &layer.vals[a..b], xt, batch, bias, acc),
+            }
+        }
+    }
+}
+
 /// One output row: `acc[b] = bias + sum_k vals[k] * xt[cols[k] * batch + b]`.
-#[inline]
+#[inline(always)]
 fn row_dot<C: Copy + Into<u32>>(
     cols: &[C],
     vals: &[f32],
@@ -262,6 +267,14 @@ fn row_dot<C: Copy + Into<u32>>(
     }
     // Batch tiles of fixed width keep the accumulators in registers.
     let mut b0 = 0;
+    while batch - b0 >= 64 {
+        tile::<C, 64>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+        b0 += 64;
+    }
+    while batch - b0 >= 32 {
+        tile::<C, 32>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+        b0 += 32;
+    }
     while batch - b0 >= 16 {
         tile::<C, 16>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
         b0 += 16;
@@ -276,7 +289,7 @@ fn row_dot<C: Copy + Into<u32>>(
     }
 }
 
-#[inline]
+#[inline(always)]
 fn tile<C: Copy + Into<u32>, const T: usize>(
     cols: &[C],
     vals: &[f32],
