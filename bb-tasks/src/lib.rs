@@ -2,6 +2,7 @@
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
 pub mod cli_bench;
+pub mod cli_export;
 pub mod cli_mask;
 pub mod cli_run;
 pub mod cli_sweep;
@@ -9,6 +10,7 @@ pub mod cli_theory;
 pub mod config;
 pub mod convkit;
 pub mod data;
+pub mod export;
 pub mod io;
 pub mod measure;
 pub mod model;

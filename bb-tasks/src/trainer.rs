@@ -166,6 +166,23 @@ pub fn load_pruner(checkpoint: &Path) -> Result<Option<Pruner>> {
     ))
 }
 
+/// Reads the model of a checkpoint folder (`model.safetensors`) for an MLP of `widths`.
+pub fn load_model<D: Device<f32>>(dev: &D, checkpoint: &Path, widths: &[usize]) -> Result<Mlp<D>> {
+    let path = checkpoint.join("model.safetensors");
+    let mut mf = TensorFile::read(&path)?;
+    let (mut ws, mut bs) = (Vec::new(), Vec::new());
+    for l in 0..widths.len().saturating_sub(1) {
+        let name = crate::model::layer_name(l);
+        for (suffix, out) in [("weight", &mut ws), ("bias", &mut bs)] {
+            out.push(
+                mf.take(&format!("{name}.{suffix}"))
+                    .with_context(|| format!("in {}", path.display()))?,
+            );
+        }
+    }
+    Mlp::from_host(dev, widths, ws, bs).with_context(|| format!("in {}", path.display()))
+}
+
 /// Reads a run's `metrics.jsonl`.
 pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>> {
     let p = dir.join("metrics.jsonl");
@@ -377,14 +394,7 @@ pub fn train<D: Device<f32>>(
             spec.arm,
             spec.seed
         );
-        let mut mf = TensorFile::read(&ck.join("model.safetensors"))?;
-        let (mut ws, mut bs) = (Vec::new(), Vec::new());
-        for l in 0..n_layers {
-            let name = crate::model::layer_name(l);
-            ws.push(mf.take(&format!("{name}.weight"))?);
-            bs.push(mf.take(&format!("{name}.bias"))?);
-        }
-        model = Mlp::from_host(dev, widths, ws, bs)?;
+        model = load_model(dev, &ck, widths)?;
         let mut of = TensorFile::read(&ck.join("optimizer.safetensors"))?;
         opt.restore(st.optimizer_steps, |n| of.take(n))?;
         if pruner.is_some() {

@@ -23,6 +23,8 @@ enum Cmd {
     Mask(bb_tasks::cli_mask::MaskArgs),
     /// Benchmark report: refresh, observation, sparse inference and training overhead, as ratios.
     Bench(bb_tasks::cli_bench::BenchArgs),
+    /// Write the pruned model of a finished run as a compact sparse file (CSR per layer).
+    Export(bb_tasks::cli_export::ExportArgs),
     /// Train an experiment (a preset or a TOML file) into a run folder with a report.
     Run(bb_tasks::cli_run::RunArgs),
     /// List the built-in experiments.
@@ -42,6 +44,7 @@ fn main() {
     let result = match cli.cmd {
         Some(Cmd::Mask(args)) => bb_tasks::cli_mask::run(&args),
         Some(Cmd::Bench(args)) => bb_tasks::cli_bench::run(&args),
+        Some(Cmd::Export(args)) => bb_tasks::cli_export::run(&args),
         Some(Cmd::Run(args)) => bb_tasks::cli_run::run(&args),
         Some(Cmd::Presets) => bb_tasks::cli_run::presets(),
         Some(Cmd::Tour(args)) => bb_tasks::cli_run::tour(&args),
