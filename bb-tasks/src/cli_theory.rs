@@ -221,14 +221,8 @@ fn run_solve(a: &SolveArgs) -> Result<()> {
     println!();
     println!("{:>8} {:>14} {:>14} {:>14}", "unit", "k", "a", "a k");
     let shown = k.len().min(20);
-    for i in 0..shown {
-        println!(
-            "{:>8} {:>14.6} {:>14.6e} {:>14.6e}",
-            i,
-            k[i],
-            sol.activity[i],
-            k[i] * sol.activity[i]
-        );
+    for (i, (&ki, &ai)) in k.iter().zip(&sol.activity).take(shown).enumerate() {
+        println!("{i:>8} {ki:>14.6} {ai:>14.6e} {:>14.6e}", ki * ai);
     }
     if k.len() > shown {
         println!("     ... {} more (use --json for all)", k.len() - shown);

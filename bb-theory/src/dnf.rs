@@ -145,10 +145,10 @@ pub struct WidthResult {
 }
 
 /// A least-squares fit `steps = slope * f(W) + intercept`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScalingFit {
     /// The regressor, in words: `"W ln W"`, `"W"` or `"W^2"`.
-    pub model: &'static str,
+    pub model: String,
     /// Fitted slope.
     pub slope: f64,
     /// Fitted intercept.
@@ -182,7 +182,7 @@ pub struct DnfScaling {
     /// The free power law.
     pub power: Option<PowerFit>,
     /// The regressor with the highest `R^2`.
-    pub best_model: Option<&'static str>,
+    pub best_model: Option<String>,
 }
 
 /// One DNF task of a given width.
@@ -495,7 +495,7 @@ pub fn dnf_scaling(cfg: &DnfConfig) -> Result<DnfScaling> {
             let x: Vec<f64> = points.iter().map(|p| f(p.0)).collect();
             let (slope, intercept, r2, _) = ols(&x, &y);
             fits.push(ScalingFit {
-                model,
+                model: model.to_string(),
                 slope,
                 intercept,
                 r2,
@@ -513,7 +513,7 @@ pub fn dnf_scaling(cfg: &DnfConfig) -> Result<DnfScaling> {
     let best_model = fits
         .iter()
         .max_by(|a, b| a.r2.total_cmp(&b.r2))
-        .map(|f| f.model);
+        .map(|f| f.model.clone());
     Ok(DnfScaling {
         config: cfg.clone(),
         widths,

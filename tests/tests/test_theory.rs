@@ -485,7 +485,7 @@ mod dnf {
         assert_eq!(r.fits.len(), 3);
         assert_eq!(r.fits[0].model, "W ln W");
         let best = r.fits.iter().max_by(|a, b| a.r2.total_cmp(&b.r2)).unwrap();
-        assert_eq!(r.best_model, Some(best.model));
+        assert_eq!(r.best_model.as_deref(), Some(best.model.as_str()));
         assert!(r.fits.iter().all(|f| f.r2 <= 1.0 + 1e-12));
         assert!(r.power.is_some_and(|p| p.alpha > 0.0));
         assert_eq!(dnf_scaling(&cfg).unwrap(), r);
