@@ -2,6 +2,7 @@
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
 pub mod cli_bench;
+pub mod cli_conv;
 pub mod cli_export;
 pub mod cli_mask;
 pub mod cli_run;
@@ -9,8 +10,10 @@ pub mod cli_sweep;
 pub mod cli_theory;
 pub mod config;
 pub mod convkit;
+pub mod convrun;
 pub mod data;
 pub mod export;
+pub mod faceid;
 pub mod io;
 pub mod measure;
 pub mod model;
@@ -18,6 +21,7 @@ pub mod npy;
 pub mod optim;
 pub mod realdata;
 pub mod report;
+pub mod resnet;
 pub mod stats;
 pub mod sweep;
 pub mod trainer;

@@ -45,8 +45,13 @@ fn main() {
         Some(Cmd::Mask(args)) => bb_tasks::cli_mask::run(&args),
         Some(Cmd::Bench(args)) => bb_tasks::cli_bench::run(&args),
         Some(Cmd::Export(args)) => bb_tasks::cli_export::run(&args),
+        Some(Cmd::Run(args)) if bb_tasks::cli_conv::handles(&args) => {
+            bb_tasks::cli_conv::run(&args)
+        }
         Some(Cmd::Run(args)) => bb_tasks::cli_run::run(&args),
-        Some(Cmd::Presets) => bb_tasks::cli_run::presets(),
+        Some(Cmd::Presets) => {
+            bb_tasks::cli_run::presets().and_then(|()| bb_tasks::cli_conv::presets())
+        }
         Some(Cmd::Tour(args)) => bb_tasks::cli_run::tour(&args),
         Some(Cmd::Sweep(args)) => bb_tasks::cli_sweep::sweep(&args),
         Some(Cmd::Merge(args)) => bb_tasks::cli_sweep::merge(&args),

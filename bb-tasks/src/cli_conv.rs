@@ -1,0 +1,200 @@
+//! `bb run` for the convolutional experiments (a TOML with `task = "faceid"` or
+//! `task = "changedet"`, or one of their presets).
+
+use crate::cli_run::{DeviceKind, RunArgs};
+use crate::convrun::{self, task_of};
+use crate::faceid::{self, FaceIdConfig, FaceIdTask};
+use crate::io::write_atomic;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use dfdx::tensor::Cpu;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+/// A built-in conv experiment.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvPreset {
+    /// Name given to `bb run`.
+    pub name: &'static str,
+    /// The TOML text.
+    pub toml: &'static str,
+}
+
+/// The conv presets.
+pub const CONV_PRESETS: &[ConvPreset] = &[
+    ConvPreset {
+        name: "faceid",
+        toml: include_str!("../configs/faceid.toml"),
+    },
+    ConvPreset {
+        name: "faceid-mnist",
+        toml: include_str!("../configs/faceid-mnist.toml"),
+    },
+];
+
+/// The config text of a conv preset or file, if `name_or_path` names one.
+pub fn conv_config_text(name_or_path: &str) -> Result<Option<String>> {
+    if let Some(p) = CONV_PRESETS.iter().find(|p| p.name == name_or_path) {
+        return Ok(Some(p.toml.to_string()));
+    }
+    let path = Path::new(name_or_path);
+    if path.is_file() {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment config {}", path.display()))?;
+        if task_of(&text).is_some() {
+            return Ok(Some(text));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `bb run` arguments name a conv experiment (a preset, a config file with a `task`,
+/// or a run folder of one to resume).
+pub fn handles(args: &RunArgs) -> bool {
+    if let Some(dir) = &args.resume {
+        return fs::read_to_string(dir.join("config.toml"))
+            .ok()
+            .and_then(|t| task_of(&t))
+            .is_some();
+    }
+    args.experiment
+        .as_deref()
+        .is_some_and(|e| conv_config_text(e).ok().flatten().is_some())
+}
+
+/// One line per conv preset, for `bb presets`.
+pub fn presets() -> Result<()> {
+    for p in CONV_PRESETS {
+        let d = toml::from_str::<toml::Table>(p.toml)
+            .ok()
+            .and_then(|t| {
+                t.get("description")
+                    .and_then(|d| d.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        println!("{:<13} {d}", p.name);
+    }
+    Ok(())
+}
+
+fn progress(total: u64, quiet: bool, label: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if quiet {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>8} [{elapsed_precise}] {bar:32} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}",
+        )
+        .expect("a valid progress template"),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Runs (or resumes) the experiment of `text` in `dir` (created after validation).
+pub fn run_in(
+    text: &str,
+    dir: &Path,
+    fresh: bool,
+    quiet: bool,
+    stop_after: Option<usize>,
+) -> Result<()> {
+    let dev = Cpu::default();
+    let t0 = Instant::now();
+    match task_of(text).as_deref() {
+        Some("faceid") => {
+            let cfg = FaceIdConfig::from_toml(text)?;
+            let (runs, first) = faceid::plan(&cfg, &dev)?;
+            if fresh {
+                ensure!(!dir.exists(), "{} exists already", dir.display());
+                fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                write_atomic(&dir.join("config.toml"), text.as_bytes())?;
+            }
+            let todo: u64 = runs
+                .iter()
+                .filter(|r| !dir.join(r.rel_dir()).join("final.json").exists())
+                .map(|r| r.total_steps)
+                .sum();
+            let pb = progress(todo, quiet, &cfg.name);
+            let data = first.data().clone();
+            let mut first = Some(first);
+            let out = convrun::execute(
+                &dev,
+                dir,
+                &runs,
+                |seed| match first.take() {
+                    Some(t) if seed == cfg.seeds[0] => Ok(t),
+                    _ => FaceIdTask::new(&cfg, seed, &dev),
+                },
+                Some(pb.clone()),
+                stop_after,
+            )?;
+            pb.finish_and_clear();
+            let Some(results) = out else {
+                println!(
+                    "stopped after epoch {}; continue with: bb run --resume {}",
+                    stop_after.unwrap_or(0),
+                    dir.display()
+                );
+                return Ok(());
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            let wall: f64 = results.iter().map(|r| r.wall_s).sum();
+            write_atomic(
+                &dir.join("results.json"),
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "runs": results,
+                    "arms": convrun::summarise(&results),
+                }))?
+                .as_bytes(),
+            )?;
+            let rep = faceid::report(&cfg, &data, &results, wall)?;
+            write_atomic(&dir.join("report.md"), rep.as_bytes())?;
+            println!(
+                "{}: finished in {secs:.1} s; report: {}",
+                cfg.name,
+                dir.join("report.md").display()
+            );
+            for a in convrun::summarise(&results) {
+                println!(
+                    "  {:<20} top-1 {:>14} %   verification AUC {:>14} %",
+                    a.arm,
+                    convrun::fmt_metric(a.metrics.get("top1"), 100.0, 2),
+                    convrun::fmt_metric(a.metrics.get("verify_auc"), 100.0, 2)
+                );
+            }
+            Ok(())
+        }
+        Some(other) => bail!("task {other:?} is not a known conv task (known: faceid)"),
+        None => Err(anyhow!("the config has no `task` field")),
+    }
+}
+
+/// `bb run` for conv experiments.
+pub fn run(args: &RunArgs) -> Result<()> {
+    ensure!(
+        args.device == DeviceKind::Cpu,
+        "--device: the convolutional experiments run on the CPU only"
+    );
+    if let Some(dir) = &args.resume {
+        let p = dir.join("config.toml");
+        let text =
+            fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        return run_in(&text, dir, false, args.quiet, args.stop_after);
+    }
+    let name = args
+        .experiment
+        .as_deref()
+        .ok_or_else(|| anyhow!("give a preset name or a config file (see `bb presets`)"))?;
+    let text = conv_config_text(name)?.ok_or_else(|| anyhow!("{name} is not a conv experiment"))?;
+    let cfg_name = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .ok_or_else(|| anyhow!("experiment config: missing field `name`"))?;
+    let dir = convrun::fresh_dir(args.out.as_deref(), &args.runs_dir, &cfg_name)?;
+    run_in(&text, &dir, true, args.quiet, args.stop_after)
+}
