@@ -132,6 +132,16 @@ impl<'a> Activations<'a> {
     /// stops at the first non-finite value with an error naming its position.
     #[inline]
     fn for_each_run(&self, mut f: impl FnMut(usize, &[f32])) -> Result<(), BbError> {
+        if self.positions == 1 && self.layout == Layout::BatchMajor {
+            // Runs of one value: check the whole buffer at once, then hand over single values.
+            self.check_finite()?;
+            for row in self.data.chunks_exact(self.units) {
+                for (u, x) in row.iter().enumerate() {
+                    f(u, std::slice::from_ref(x));
+                }
+            }
+            return Ok(());
+        }
         let run = match self.layout {
             Layout::BatchMajor => self.positions,
             Layout::UnitMajor => self.positions * self.batch,
@@ -148,6 +158,19 @@ impl<'a> Activations<'a> {
             f(r % self.units, chunk);
         }
         Ok(())
+    }
+}
+
+impl Activations<'_> {
+    fn check_finite(&self) -> Result<(), BbError> {
+        if self.data.iter().all(|x| x.is_finite()) {
+            return Ok(());
+        }
+        let i = self.data.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        Err(BbError::activations(format!(
+            "non-finite activation {} at flat index {i}",
+            self.data[i]
+        )))
     }
 }
 
@@ -211,6 +234,17 @@ fn prepare(rate: &[f64], acts: &Activations<'_>, scratch: &mut Vec<f64>) -> Resu
     Ok(())
 }
 
+bb_actuators::multiversion! {
+    /// Adds, per unit, how many rows of the batch-major `[batch, units]` buffer exceed `theta`.
+    fn count_rows(data: &[f32], units: usize, theta: f32, counts: &mut [f64]) {
+        for row in data.chunks_exact(units) {
+            for (c, &x) in counts.iter_mut().zip(row) {
+                *c += f64::from(u8::from(x > theta));
+            }
+        }
+    }
+}
+
 /// The method's tracker: unit `j` is "on" where its activation exceeds `threshold`;
 /// `a_j <- decay * a_j + (1 - decay) * on_j`, with `on_j` the on-fraction over batch and
 /// positions.
@@ -259,9 +293,14 @@ impl ActivityTracker for EmaOnRate {
     ) -> Result<(), BbError> {
         prepare(rate, acts, scratch)?;
         let theta = self.threshold;
-        acts.for_each_run(|u, run| {
-            scratch[u] += run.iter().filter(|&&x| x > theta).count() as f64;
-        })?;
+        if acts.positions == 1 && acts.layout == Layout::BatchMajor {
+            acts.check_finite()?;
+            count_rows(acts.data, acts.units, theta, scratch);
+        } else {
+            acts.for_each_run(|u, run| {
+                scratch[u] += run.iter().filter(|&&x| x > theta).count() as f64;
+            })?;
+        }
         let n = (acts.batch * acts.positions) as f64;
         for (a, &c) in rate.iter_mut().zip(scratch.iter()) {
             *a = self.decay * *a + (1.0 - self.decay) * (c / n);

@@ -372,3 +372,33 @@ fn long_slabs_without_regrow_keep_the_strongest_live_edges() {
         assert_eq!(row(&mask, o), want, "row {o}");
     }
 }
+
+#[test]
+fn row_and_column_counts_match_naive_counts() {
+    let mut r = rng(33);
+    for (rows, cols) in [(1, 1), (3, 64), (17, 65), (40, 200), (5, 130)] {
+        let mut m = BitMask::empty(rows, cols);
+        for o in 0..rows {
+            for i in 0..cols {
+                if r.gen_bool(0.4) {
+                    m.set(o, i, true);
+                }
+            }
+        }
+        let (mut rc, mut cc) = (vec![0u32; rows], vec![0u32; cols]);
+        m.row_counts_into(&mut rc);
+        m.col_counts_into(&mut cc);
+        assert_eq!(
+            rc,
+            (0..rows)
+                .map(|o| row(&m, o).len() as u32)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            cc,
+            (0..cols)
+                .map(|i| col(&m, i).len() as u32)
+                .collect::<Vec<_>>()
+        );
+    }
+}

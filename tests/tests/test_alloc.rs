@@ -1,19 +1,30 @@
 //! The engine's per-training-step hot path allocates nothing: observing activations,
 //! counting a step that is not a refresh, and masking weights and gradients. A counting
-//! global allocator makes this a test rather than a claim.
+//! global allocator makes this a test rather than a claim. It counts per thread, so the
+//! test harness's own threads cannot disturb the count.
 
 use bb_core::{Activations, Pruner, PrunerConfig, Topology};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 struct Counting;
 
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count() {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
+fn allocations() -> usize {
+    ALLOCS.with(Cell::get)
+}
 
 // SAFETY: defers every call to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
@@ -22,7 +33,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -69,10 +80,14 @@ fn training_steps_between_refreshes_do_not_allocate() {
         one_step(&mut p, &mut ws, &mut gs);
     }
     assert!(p.density() < 0.6, "the first refresh has pruned");
-    let before = ALLOCS.load(Ordering::SeqCst);
+    assert!(
+        allocations() > 0,
+        "the counter sees this thread's allocations"
+    );
+    let before = allocations();
     for _ in 0..50 {
         assert!(one_step(&mut p, &mut ws, &mut gs).is_none());
     }
-    let after = ALLOCS.load(Ordering::SeqCst);
+    let after = allocations();
     assert_eq!(after - before, 0, "allocations in 50 training steps");
 }
