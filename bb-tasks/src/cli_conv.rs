@@ -1,8 +1,9 @@
 //! `bb run` for the convolutional experiments (a TOML with `task = "faceid"` or
 //! `task = "changedet"`, or one of their presets).
 
+use crate::changedet::{self, ChangeDetConfig, ChangeDetTask};
 use crate::cli_run::{DeviceKind, RunArgs};
-use crate::convrun::{self, task_of};
+use crate::convrun::{self, task_of, ConvRunResult, ConvRunSpec, ConvTask};
 use crate::faceid::{self, FaceIdConfig, FaceIdTask};
 use crate::io::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -30,6 +31,10 @@ pub const CONV_PRESETS: &[ConvPreset] = &[
     ConvPreset {
         name: "faceid-mnist",
         toml: include_str!("../configs/faceid-mnist.toml"),
+    },
+    ConvPreset {
+        name: "changedet",
+        toml: include_str!("../configs/changedet.toml"),
     },
 ];
 
@@ -94,7 +99,89 @@ fn progress(total: u64, quiet: bool, label: &str) -> ProgressBar {
     pb
 }
 
-/// Runs (or resumes) the experiment of `text` in `dir` (created after validation).
+/// Creates the folder (when `fresh`), trains the unfinished runs and writes `results.json`.
+/// Returns `None` when the runs stopped early.
+#[allow(clippy::too_many_arguments)]
+fn drive<T: ConvTask>(
+    dev: &Cpu,
+    text: &str,
+    dir: &Path,
+    fresh: bool,
+    name: &str,
+    runs: &[ConvRunSpec],
+    first: (u64, T),
+    make: impl Fn(u64) -> Result<T>,
+    quiet: bool,
+    stop_after: Option<usize>,
+) -> Result<Option<Vec<ConvRunResult>>> {
+    if fresh {
+        ensure!(!dir.exists(), "{} exists already", dir.display());
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomic(&dir.join("config.toml"), text.as_bytes())?;
+    }
+    let todo: u64 = runs
+        .iter()
+        .filter(|r| !dir.join(r.rel_dir()).join("final.json").exists())
+        .map(|r| r.total_steps)
+        .sum();
+    let pb = progress(todo, quiet, name);
+    let mut first = Some(first);
+    let out = convrun::execute(
+        dev,
+        dir,
+        runs,
+        |seed| match first.take() {
+            Some((s, t)) if s == seed => Ok(t),
+            _ => make(seed),
+        },
+        Some(pb.clone()),
+        stop_after,
+    )?;
+    pb.finish_and_clear();
+    let Some(results) = out else {
+        println!(
+            "stopped after epoch {}; continue with: bb run --resume {}",
+            stop_after.unwrap_or(0),
+            dir.display()
+        );
+        return Ok(None);
+    };
+    write_atomic(
+        &dir.join("results.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "runs": results,
+            "arms": convrun::summarise(&results),
+        }))?
+        .as_bytes(),
+    )?;
+    Ok(Some(results))
+}
+
+fn print_summary(
+    name: &str,
+    dir: &Path,
+    secs: f64,
+    results: &[ConvRunResult],
+    metrics: [(&str, &str); 2],
+) {
+    println!(
+        "{name}: finished in {secs:.1} s; report: {}",
+        dir.join("report.md").display()
+    );
+    for a in convrun::summarise(results) {
+        let mut line = format!("  {:<20}", a.arm);
+        for (k, title) in metrics {
+            line.push_str(&format!(
+                " {title} {:>14} %",
+                convrun::fmt_metric(a.metrics.get(k), 100.0, 2)
+            ));
+        }
+        println!("{line}");
+    }
+}
+
+/// Runs (or resumes) the experiment of `text` in `dir` (created after validation when
+/// `fresh`).
 pub fn run_in(
     text: &str,
     dir: &Path,
@@ -108,68 +195,42 @@ pub fn run_in(
         Some("faceid") => {
             let cfg = FaceIdConfig::from_toml(text)?;
             let (runs, first) = faceid::plan(&cfg, &dev)?;
-            if fresh {
-                ensure!(!dir.exists(), "{} exists already", dir.display());
-                fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                write_atomic(&dir.join("config.toml"), text.as_bytes())?;
-            }
-            let todo: u64 = runs
-                .iter()
-                .filter(|r| !dir.join(r.rel_dir()).join("final.json").exists())
-                .map(|r| r.total_steps)
-                .sum();
-            let pb = progress(todo, quiet, &cfg.name);
             let data = first.data().clone();
-            let mut first = Some(first);
-            let out = convrun::execute(
-                &dev,
-                dir,
-                &runs,
-                |seed| match first.take() {
-                    Some(t) if seed == cfg.seeds[0] => Ok(t),
-                    _ => FaceIdTask::new(&cfg, seed, &dev),
-                },
-                Some(pb.clone()),
-                stop_after,
-            )?;
-            pb.finish_and_clear();
-            let Some(results) = out else {
-                println!(
-                    "stopped after epoch {}; continue with: bb run --resume {}",
-                    stop_after.unwrap_or(0),
-                    dir.display()
-                );
+            let make = |seed| FaceIdTask::new(&cfg, seed, &dev);
+            let first = (cfg.seeds[0], first);
+            let Some(results) = drive(
+                &dev, text, dir, fresh, &cfg.name, &runs, first, make, quiet, stop_after,
+            )?
+            else {
                 return Ok(());
             };
-            let secs = t0.elapsed().as_secs_f64();
             let wall: f64 = results.iter().map(|r| r.wall_s).sum();
-            write_atomic(
-                &dir.join("results.json"),
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "runs": results,
-                    "arms": convrun::summarise(&results),
-                }))?
-                .as_bytes(),
-            )?;
             let rep = faceid::report(&cfg, &data, &results, wall)?;
             write_atomic(&dir.join("report.md"), rep.as_bytes())?;
-            println!(
-                "{}: finished in {secs:.1} s; report: {}",
-                cfg.name,
-                dir.join("report.md").display()
-            );
-            for a in convrun::summarise(&results) {
-                println!(
-                    "  {:<20} top-1 {:>14} %   verification AUC {:>14} %",
-                    a.arm,
-                    convrun::fmt_metric(a.metrics.get("top1"), 100.0, 2),
-                    convrun::fmt_metric(a.metrics.get("verify_auc"), 100.0, 2)
-                );
-            }
+            let m = [("top1", "top-1"), ("verify_auc", "verification AUC")];
+            print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
             Ok(())
         }
-        Some(other) => bail!("task {other:?} is not a known conv task (known: faceid)"),
+        Some("changedet") => {
+            let cfg = ChangeDetConfig::from_toml(text)?;
+            let (runs, first) = changedet::plan(&cfg, &dev)?;
+            let (test, train) = (first.test().clone(), first.train().clone());
+            let make = |seed| ChangeDetTask::new(&cfg, seed, &dev);
+            let first = (cfg.seeds[0], first);
+            let Some(results) = drive(
+                &dev, text, dir, fresh, &cfg.name, &runs, first, make, quiet, stop_after,
+            )?
+            else {
+                return Ok(());
+            };
+            let wall: f64 = results.iter().map(|r| r.wall_s).sum();
+            let rep = changedet::report(&cfg, &test, &train, &results, dir, wall)?;
+            write_atomic(&dir.join("report.md"), rep.as_bytes())?;
+            let m = [("f1_pooled", "F1"), ("pr_auc", "PR-AUC")];
+            print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
+            Ok(())
+        }
+        Some(other) => bail!("task {other:?} is not a known conv task (known: faceid, changedet)"),
         None => Err(anyhow!("the config has no `task` field")),
     }
 }

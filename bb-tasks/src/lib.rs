@@ -1,6 +1,7 @@
 //! dfdx models, datasets, trainer and experiments for Budgeted Broadcast, and the command-line
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
+pub mod changedet;
 pub mod cli_bench;
 pub mod cli_conv;
 pub mod cli_export;
