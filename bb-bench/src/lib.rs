@@ -299,10 +299,10 @@ pub fn markdown(rows: &[Row]) -> String {
     for r in rows {
         if r.section != section {
             section = r.section;
-            let reference = if section == "sparse" {
-                "dense"
-            } else {
-                "floor"
+            let reference = match section {
+                "sparse" => "dense",
+                "training" => "dense step",
+                _ => "floor",
             };
             out.push_str(&format!(
                 "\n### {section}\n\n| case | time (ms) | {reference} (ms) | ratio |\n|---|---:|---:|---:|\n"
