@@ -761,15 +761,61 @@ pub fn init_out_dir(cfg: &SweepConfig, out: &Path) -> Result<()> {
     let text = cfg.to_toml()?;
     if p.exists() {
         let there = SweepConfig::load(&p)?;
-        ensure!(
-            &there == cfg,
-            "{} holds a different sweep ({:?}); use another --out folder, or delete it to start over",
-            p.display(),
-            there.name
-        );
-        return Ok(());
+        if &there == cfg {
+            return Ok(());
+        }
+        if let Err(why) = cfg.extends(&there) {
+            bail!(
+                "{} holds a different sweep ({why}); use another --out folder, or delete it to start over",
+                p.display()
+            );
+        }
+        // a grown grid: the runs already there stay valid
     }
     write_shared(&p, text.as_bytes())
+}
+
+impl SweepConfig {
+    /// `Ok` when every run of `old` is also a run of `self` with the same experiment: the same
+    /// name, `base` and `keep_checkpoints`, and every data set, method, seed and density of
+    /// `old` still there unchanged (new ones may be added; descriptions and `compare` may
+    /// change). Otherwise says what differs.
+    pub fn extends(&self, old: &SweepConfig) -> std::result::Result<(), String> {
+        if self.name != old.name {
+            return Err(format!("it is named {:?}", old.name));
+        }
+        if self.base != old.base {
+            return Err("its [base] differs".to_string());
+        }
+        if self.keep_checkpoints != old.keep_checkpoints {
+            return Err("its keep_checkpoints differs".to_string());
+        }
+        for s in &old.seeds {
+            if !self.seeds.contains(s) {
+                return Err(format!("it has seed {s}"));
+            }
+        }
+        for d in &old.densities {
+            if !self.densities.iter().any(|x| (x - d).abs() < 1e-12) {
+                return Err(format!("it has density {d}"));
+            }
+        }
+        for d in &old.datasets {
+            match self.datasets.iter().find(|x| x.name == d.name) {
+                Some(x) if x.data == d.data => {}
+                Some(_) => return Err(format!("its data set {:?} differs", d.name)),
+                None => return Err(format!("it has data set {:?}", d.name)),
+            }
+        }
+        for m in &old.methods {
+            match self.methods.iter().find(|x| x.name == m.name) {
+                Some(x) if x == m => {}
+                Some(_) => return Err(format!("its method {:?} differs", m.name)),
+                None => return Err(format!("it has method {:?}", m.name)),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn host_name() -> String {

@@ -346,12 +346,44 @@ fn an_output_folder_of_another_sweep_is_refused() {
         ..Default::default()
     };
     run_sweep(&grid(), t.path(), &opts, &fake).unwrap();
-    let other =
-        SweepConfig::from_toml(&GRID.replace("seeds = [0, 1, 2]", "seeds = [0, 1]")).unwrap();
-    let e = run_sweep(&other, t.path(), &opts, &fake)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("different sweep"), "{e}");
+    let refused = |text: String| {
+        let other = SweepConfig::from_toml(&text).unwrap();
+        run_sweep(&other, t.path(), &opts, &fake)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused(GRID.replace("seeds = [0, 1, 2]", "seeds = [0, 1]"));
+    assert!(e.contains("different sweep") && e.contains("seed 2"), "{e}");
+    let e = refused(GRID.replace("beta = 0.1", "beta = 0.2"));
+    assert!(e.contains("method \"bb\" differs"), "{e}");
+    let e = refused(GRID.replace("epochs = 1", "epochs = 2"));
+    assert!(e.contains("[base] differs"), "{e}");
+}
+
+#[test]
+fn a_grown_grid_reuses_the_finished_runs_and_trains_only_the_new_ones() {
+    let t = TempDir::new("grow");
+    let fake = Fake::new(acc_by_seed);
+    let quiet = RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let g = grid();
+    run_sweep(&g, t.path(), &quiet, &fake).unwrap();
+    let extra = "\n[[methods]]\nname = \"bb_plain\"\nfamily = \"bb\"\n\
+                 [methods.pruning.policy]\nkind = \"balance\"\nbeta = 0.1\n\
+                 [methods.pruning.actuator]\nkind = \"sp_in\"\nrescale = \"none\"\n";
+    let grown_text = GRID.replace("seeds = [0, 1, 2]", "seeds = [0, 1, 2, 3]") + extra;
+    let grown = SweepConfig::from_toml(&grown_text).unwrap();
+    assert!(grown.extends(&g).is_ok());
+    assert!(g.extends(&grown).is_err(), "shrinking is not growing");
+    let s = run_sweep(&grown, t.path(), &quiet, &fake).unwrap();
+    assert_eq!(s.skipped, g.keys().len());
+    assert_eq!(s.trained, grown.keys().len() - g.keys().len());
+    assert_eq!(fake.calls().len(), grown.keys().len());
+    // the folder now describes the grown sweep; the old file is refused there
+    assert_eq!(sweep::load_from_out_dir(t.path()).unwrap(), grown);
+    assert!(run_sweep(&g, t.path(), &quiet, &fake).is_err());
 }
 
 #[test]
