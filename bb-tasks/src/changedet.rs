@@ -1207,7 +1207,6 @@ pub fn report(
     train: &Pairs,
     runs: &[ConvRunResult],
     dir: &Path,
-    wall_s: f64,
 ) -> Result<String> {
     let arms = convrun::summarise(runs);
     let mut w = String::new();
@@ -1372,12 +1371,6 @@ pub fn report(
         "## Sparsity: target vs achieved density per pruned layer (first seed)\n"
     )?;
     convrun::write_layer_table(&mut w, runs)?;
-    writeln!(
-        w,
-        "## Time\n\nTraining time summed over the {} runs: {:.0} s (per run in `results.json`; \
-         evaluation adds a little).\n",
-        runs.len(),
-        wall_s
-    )?;
+    convrun::write_time(&mut w, runs)?;
     Ok(w)
 }

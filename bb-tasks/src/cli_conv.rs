@@ -204,8 +204,7 @@ pub fn run_in(
             else {
                 return Ok(());
             };
-            let wall: f64 = results.iter().map(|r| r.wall_s).sum();
-            let rep = faceid::report(&cfg, &data, &results, wall)?;
+            let rep = faceid::report(&cfg, &data, &results)?;
             write_atomic(&dir.join("report.md"), rep.as_bytes())?;
             let m = [("top1", "top-1"), ("verify_auc", "verification AUC")];
             print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
@@ -223,8 +222,7 @@ pub fn run_in(
             else {
                 return Ok(());
             };
-            let wall: f64 = results.iter().map(|r| r.wall_s).sum();
-            let rep = changedet::report(&cfg, &test, &train, &results, dir, wall)?;
+            let rep = changedet::report(&cfg, &test, &train, &results, dir)?;
             write_atomic(&dir.join("report.md"), rep.as_bytes())?;
             let m = [("f1_pooled", "F1"), ("pr_auc", "PR-AUC")];
             print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);

@@ -391,6 +391,22 @@ pub struct ConvRunResult {
     pub refreshes: usize,
     /// Training wall time, seconds (not reproducible).
     pub wall_s: f64,
+    /// CPU time of the process (all threads) while training, seconds, where the platform
+    /// reports it (Linux); not reproducible. On a shared machine it is the better measure of
+    /// the work done.
+    #[serde(default)]
+    pub cpu_s: Option<f64>,
+}
+
+/// CPU time (user + system, all threads) of this process so far, from `/proc/self/stat`
+/// (Linux; clock ticks of 1/100 s). `None` elsewhere.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the command name (which is in parentheses and may hold spaces)
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,6 +420,8 @@ struct RunState {
     metrics: Vec<EpochLine>,
     refreshes: Vec<RefreshReport>,
     wall_s: f64,
+    #[serde(default)]
+    cpu_s: Option<f64>,
 }
 
 const LATEST: &str = "LATEST";
@@ -536,6 +554,7 @@ pub fn train_run<T: ConvTask>(
         metrics: Vec::new(),
         refreshes: Vec::new(),
         wall_s: 0.0,
+        cpu_s: Some(0.0),
     };
     if let Some(ck) = latest_checkpoint(dir)? {
         let st: RunState = serde_json::from_str(
@@ -576,6 +595,8 @@ pub fn train_run<T: ConvTask>(
     let steps_per_epoch = n / t.batch_size;
     let start = Instant::now();
     let wall0 = state.wall_s;
+    let cpu_start = process_cpu_seconds();
+    let cpu0 = state.cpu_s;
     let mut order: Vec<usize> = (0..n).collect();
     while state.epoch < t.epochs {
         if opts.stop_after_epoch.is_some_and(|s| state.epoch >= s) {
@@ -618,6 +639,10 @@ pub fn train_run<T: ConvTask>(
         let metrics = task.epoch_metrics(&model, &store)?;
         state.epoch = epoch;
         state.wall_s = wall0 + start.elapsed().as_secs_f64();
+        state.cpu_s = match (cpu0, cpu_start, process_cpu_seconds()) {
+            (Some(c0), Some(a), Some(b)) => Some(c0 + (b - a).max(0.0)),
+            _ => None,
+        };
         state.metrics.push(EpochLine {
             epoch,
             step: state.step,
@@ -655,6 +680,7 @@ pub fn train_run<T: ConvTask>(
             .collect::<Result<_>>()?,
         refreshes: state.refreshes.len(),
         wall_s: state.wall_s,
+        cpu_s: state.cpu_s,
     };
     write_atomic(
         &dir.join("final.json"),
@@ -1013,6 +1039,45 @@ pub fn write_layer_table(w: &mut String, runs: &[ConvRunResult]) -> Result<()> {
         }
     }
     writeln!(w)?;
+    Ok(())
+}
+
+/// The time section of a report: wall and CPU time summed over runs, with the machine's
+/// core count and load (other jobs may share the cores).
+pub fn write_time(w: &mut String, runs: &[ConvRunResult]) -> Result<()> {
+    let n = runs.len().max(1) as f64;
+    let wall: f64 = runs.iter().map(|r| r.wall_s).sum();
+    let cpus: Vec<f64> = runs.iter().filter_map(|r| r.cpu_s).collect();
+    let cores = std::thread::available_parallelism().map_or(0, |c| c.get());
+    let load = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    writeln!(w, "## Time\n")?;
+    writeln!(
+        w,
+        "Training time summed over the {} runs: {:.0} s wall ({:.1} min; {:.0} s per run), \
+         measured on {cores} cores with a 1-minute load average of {load} when the report was \
+         written (other jobs shared the cores, so wall time overstates the cost).",
+        runs.len(),
+        wall,
+        wall / 60.0,
+        wall / n
+    )?;
+    if cpus.len() == runs.len() && !cpus.is_empty() {
+        let cpu: f64 = cpus.iter().sum();
+        writeln!(
+            w,
+            "CPU time (all threads): {:.0} s ({:.0} s per run); on two otherwise idle cores the \
+             wall time is roughly CPU time / 1.5 to CPU time / 2.",
+            cpu,
+            cpu / n
+        )?;
+    }
+    writeln!(
+        w,
+        "Evaluation adds a little; per-run times are in `results.json`.\n"
+    )?;
     Ok(())
 }
 

@@ -715,12 +715,7 @@ const METRICS: [(&str, &str, f64); 3] = [
 ];
 
 /// The report of a finished face-identification experiment.
-pub fn report(
-    cfg: &FaceIdConfig,
-    data: &FaceData,
-    runs: &[ConvRunResult],
-    wall_s: f64,
-) -> Result<String> {
+pub fn report(cfg: &FaceIdConfig, data: &FaceData, runs: &[ConvRunResult]) -> Result<String> {
     let arms = convrun::summarise(runs);
     let mut w = String::new();
     let src = match cfg.data.source {
@@ -819,12 +814,6 @@ pub fn report(
         "## Sparsity: target vs achieved density per pruned layer (first seed)\n"
     )?;
     convrun::write_layer_table(&mut w, runs)?;
-    writeln!(
-        w,
-        "## Time\n\nTraining time summed over the {} runs: {:.0} s (per run in `results.json`; \
-         evaluation adds a little).\n",
-        runs.len(),
-        wall_s
-    )?;
+    convrun::write_time(&mut w, runs)?;
     Ok(w)
 }
