@@ -5,6 +5,7 @@
 //! `f32` buffers (one or two per parameter) so checkpoints can store it exactly.
 
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Which optimizer, with its hyperparameters.
@@ -207,6 +208,11 @@ impl Optimizer {
     }
 
     /// One update of every parameter `params[i] -= lr * direction(grads[i])`.
+    ///
+    /// Every element is updated independently with the same float operations in the same
+    /// order, so the result does not depend on how the work is split: large parameters are
+    /// updated in parallel chunks (rayon), and the loops are written so the compiler can
+    /// vectorize them (`sqrt` and `/` are exactly rounded in SIMD too).
     pub fn update(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]], lr: f32) {
         assert_eq!(
             params.len(),
@@ -228,16 +234,20 @@ impl Optimizer {
             } => {
                 let bc1 = 1.0 - (beta1 as f64).powi(self.step as i32);
                 let bc2 = 1.0 - (beta2 as f64).powi(self.step as i32);
-                let step_size = (lr as f64 / bc1) as f32;
-                let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+                let k = AdamStep {
+                    beta1,
+                    beta2,
+                    one_minus_beta1: 1.0 - beta1,
+                    one_minus_beta2: 1.0 - beta2,
+                    eps,
+                    weight_decay,
+                    step_size: (lr as f64 / bc1) as f32,
+                    inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                };
                 for (i, p) in params.iter_mut().enumerate() {
                     let (m, v, g) = (&mut self.m[i], &mut self.v[i], grads[i]);
-                    for j in 0..p.len() {
-                        let gj = g[j] + weight_decay * p[j];
-                        m[j] = beta1 * m[j] + (1.0 - beta1) * gj;
-                        v[j] = beta2 * v[j] + (1.0 - beta2) * gj * gj;
-                        p[j] -= step_size * m[j] / (v[j].sqrt() * inv_sqrt_bc2 + eps);
-                    }
+                    check_lengths(i, p, g, m);
+                    for_chunks4(p, m, v, g, |p, m, v, g| k.apply(p, m, v, g));
                 }
             }
             OptimizerConfig::Sgd {
@@ -247,18 +257,85 @@ impl Optimizer {
             } => {
                 for (i, p) in params.iter_mut().enumerate() {
                     let (vel, g) = (&mut self.m[i], grads[i]);
-                    for j in 0..p.len() {
-                        let gj = g[j] + weight_decay * p[j];
-                        vel[j] = momentum * vel[j] + gj;
-                        let d = if nesterov {
-                            gj + momentum * vel[j]
-                        } else {
-                            vel[j]
-                        };
-                        p[j] -= lr * d;
+                    check_lengths(i, p, g, vel);
+                    let apply = |p: &mut [f32], vel: &mut [f32], g: &[f32]| {
+                        for ((p, vel), &g) in p.iter_mut().zip(vel.iter_mut()).zip(g) {
+                            let gj = g + weight_decay * *p;
+                            *vel = momentum * *vel + gj;
+                            let d = if nesterov { gj + momentum * *vel } else { *vel };
+                            *p -= lr * d;
+                        }
+                    };
+                    if p.len() < PAR_CHUNK {
+                        apply(p, vel, g);
+                    } else {
+                        p.par_chunks_mut(PAR_CHUNK)
+                            .zip(vel.par_chunks_mut(PAR_CHUNK))
+                            .zip(g.par_chunks(PAR_CHUNK))
+                            .for_each(|((p, vel), g)| apply(p, vel, g));
                     }
                 }
             }
+        }
+    }
+}
+
+/// Elements per parallel task of an update (and the size under which one thread does it).
+const PAR_CHUNK: usize = 1 << 15;
+
+fn check_lengths(i: usize, p: &[f32], g: &[f32], state: &[f32]) {
+    assert!(
+        g.len() == p.len() && state.len() == p.len(),
+        "optimizer: parameter {i} has {} values, its gradient {} and its state {}",
+        p.len(),
+        g.len(),
+        state.len()
+    );
+}
+
+/// Runs `f` over matching chunks of four equally long slices, in parallel when they are large.
+fn for_chunks4(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync,
+) {
+    if p.len() < PAR_CHUNK {
+        f(p, m, v, g);
+    } else {
+        p.par_chunks_mut(PAR_CHUNK)
+            .zip(m.par_chunks_mut(PAR_CHUNK))
+            .zip(v.par_chunks_mut(PAR_CHUNK))
+            .zip(g.par_chunks(PAR_CHUNK))
+            .for_each(|(((p, m), v), g)| f(p, m, v, g));
+    }
+}
+
+/// The constants of one Adam step.
+#[derive(Debug, Clone, Copy)]
+struct AdamStep {
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+}
+
+impl AdamStep {
+    /// `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
+    /// `p <- p - step_size m / (sqrt(v) / sqrt(bc2) + eps)` with `g` including the L2 term.
+    #[inline]
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let k = *self;
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let gj = g + k.weight_decay * *p;
+            *m = k.beta1 * *m + k.one_minus_beta1 * gj;
+            *v = k.beta2 * *v + k.one_minus_beta2 * gj * gj;
+            *p -= k.step_size * *m / (v.sqrt() * k.inv_sqrt_bc2 + k.eps);
         }
     }
 }
