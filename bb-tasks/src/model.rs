@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Result};
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::any::Any;
 
 /// The result of one training forward + backward pass.
 #[derive(Debug, Clone)]
@@ -54,6 +55,9 @@ pub struct Mlp<D: Device<f32>> {
     host_w: Vec<Vec<f32>>,
     host_b: Vec<Vec<f32>>,
     host_scale: Vec<Option<Vec<f32>>>,
+    /// Use the fused CPU kernel after each matrix product (off only in tests that compare it
+    /// with the dfdx composition).
+    fused: bool,
 }
 
 /// Name of layer `l` (0-based): `fc1`, `fc2`, ...
@@ -123,6 +127,7 @@ impl<D: Device<f32>> Mlp<D> {
             host_w,
             host_b,
             host_scale: vec![None; n],
+            fused: true,
         })
     }
 
@@ -208,24 +213,50 @@ impl<D: Device<f32>> Mlp<D> {
         Ok(())
     }
 
-    /// One layer: `x [B, in] -> scale ⊙ (x W^T) + b [B, out]` (a fresh, contiguous tensor).
-    fn linear<T>(
+    /// One layer: `x [B, in] -> act(scale ⊙ (x W^T) + b) [B, out]` (a fresh, contiguous
+    /// tensor), with `act` the ReLU if `relu`, else the identity.
+    ///
+    /// On the CPU everything after the matrix product is one fused pass forward and one
+    /// backward ([`cpu_affine`]), with the same float operations in the same order as the
+    /// dfdx composition used on other devices (scale multiply, broadcast bias add, ReLU), so
+    /// both give bit-identical values and gradients.
+    fn layer<T>(
         &self,
         l: usize,
         x: Tensor<(usize, usize), f32, D, T>,
+        relu: bool,
     ) -> Tensor<(usize, usize), f32, D, T>
     where
-        T: Tape<f32, D> + Merge<NoneTape>,
+        T: Tape<f32, D> + Merge<NoneTape> + 'static,
     {
         let batch = x.shape().0;
         let o = self.widths[l + 1];
         let wt = self.w[l].clone().permute::<(usize, usize), Axes2<1, 0>>();
         let y = x.matmul(wt);
+        let y = match (self.fused, same_type(y)) {
+            (true, Ok(y)) => {
+                let b: &dyn Any = &self.b[l];
+                let b = b
+                    .downcast_ref()
+                    .expect("the bias lives on the model's device");
+                match cpu_affine::<T>(y, self.host_scale[l].as_deref(), b, relu) {
+                    Ok(out) => return same_type(out).unwrap_or_else(|_| unreachable!()),
+                    Err(y) => same_type(y).unwrap_or_else(|_| unreachable!()),
+                }
+            }
+            (_, Ok(y)) => same_type(y).unwrap_or_else(|_| unreachable!()),
+            (_, Err(y)) => y,
+        };
         let y = match &self.scale[l] {
             Some(s) => y * s.clone().broadcast_like::<_, Axis<0>>(&(batch, o)),
             None => y,
         };
-        y + self.b[l].clone().broadcast_like::<_, Axis<0>>(&(batch, o))
+        let z = y + self.b[l].clone().broadcast_like::<_, Axis<0>>(&(batch, o));
+        if relu {
+            z.relu()
+        } else {
+            z
+        }
     }
 
     /// Inference pass (no tape).
@@ -236,14 +267,14 @@ impl<D: Device<f32>> Mlp<D> {
             .tensor_from_vec(x.to_vec(), (batch, self.widths[0]));
         let mut hidden = Vec::with_capacity(self.num_layers() - 1);
         for l in 0..self.num_layers() {
-            let y = self.linear(l, h);
-            if l + 1 < self.num_layers() {
-                let a = y.relu();
-                hidden.push(a.as_vec());
-                h = a;
+            let hidden_layer = l + 1 < self.num_layers();
+            let y = self.layer(l, h, hidden_layer);
+            if hidden_layer {
+                hidden.push(to_host(&y));
+                h = y;
             } else {
                 return Ok(EvalOutput {
-                    logits: y.as_vec(),
+                    logits: to_host(&y),
                     hidden,
                 });
             }
@@ -253,6 +284,18 @@ impl<D: Device<f32>> Mlp<D> {
 
     /// Forward + backward on one batch with cross-entropy against integer labels.
     pub fn train_step(&self, x: &[f32], labels: &[usize], batch: usize) -> Result<StepOutput> {
+        self.train_step_with(x, labels, batch, true)
+    }
+
+    /// [`Mlp::train_step`]; the hidden activations are copied out only if `keep_hidden`
+    /// (otherwise [`StepOutput::hidden`] is empty).
+    pub fn train_step_with(
+        &self,
+        x: &[f32],
+        labels: &[usize],
+        batch: usize,
+        keep_hidden: bool,
+    ) -> Result<StepOutput> {
         self.check_input(x, batch)?;
         ensure!(
             labels.len() == batch,
@@ -275,20 +318,22 @@ impl<D: Device<f32>> Mlp<D> {
         let mut hidden = Vec::with_capacity(self.num_layers() - 1);
         let mut h = x;
         for l in 0..self.num_layers() - 1 {
-            let a = self.linear(l, h).relu();
-            hidden.push(a.retaped::<NoneTape>().as_vec());
+            let a = self.layer(l, h, true);
+            if keep_hidden {
+                hidden.push(to_host(&a.retaped::<NoneTape>()));
+            }
             h = a;
         }
-        let logits = self.linear(self.num_layers() - 1, h);
+        let logits = self.layer(self.num_layers() - 1, h, false);
         let target = self.dev.tensor_from_vec(onehot, (batch, classes));
         let loss = contiguous_cross_entropy(logits, target);
-        let loss_value = loss.retaped::<NoneTape>().as_vec()[0];
-        let grads = loss.backward();
+        let loss_value = to_host(&loss.retaped::<NoneTape>())[0];
+        let mut grads = loss.backward();
         let mut grad_w = Vec::with_capacity(self.num_layers());
         let mut grad_b = Vec::with_capacity(self.num_layers());
         for l in 0..self.num_layers() {
-            grad_w.push(grads.get(&self.w[l]).as_vec());
-            grad_b.push(grads.get(&self.b[l]).as_vec());
+            grad_w.push(take_grad(&mut grads, &self.w[l]));
+            grad_b.push(take_grad(&mut grads, &self.b[l]));
         }
         Ok(StepOutput {
             loss: loss_value,
@@ -297,6 +342,144 @@ impl<D: Device<f32>> Mlp<D> {
             grad_b,
         })
     }
+}
+
+/// `a` as a `B` if `A` and `B` are the same type (checked at run time), else `a` back.
+fn same_type<A: 'static, B: 'static>(a: A) -> std::result::Result<B, A> {
+    let mut slot = Some(a);
+    let any: &mut dyn Any = &mut slot;
+    match any.downcast_mut::<Option<B>>() {
+        Some(b) => Ok(b.take().expect("filled above")),
+        None => Err(slot.expect("not taken")),
+    }
+}
+
+/// Bit `i` of a packed bit set.
+fn bit(bits: &[u64], i: usize) -> bool {
+    bits[i / 64] >> (i % 64) & 1 == 1
+}
+
+/// `act(y ⊙ s + b)` row by row for batch-major `y` `[B, O]` (per-column factor `s`, bias
+/// `b`, `act` the ReLU if `relu`), as one differentiable op on the CPU.
+///
+/// Forward and backward repeat, element by element, the operations of the dfdx ops it
+/// replaces: `t = y * s` (skipped without `s`), `z = t + b`, `max(z, 0)`; backward
+/// `dz = 0 + [z > 0] * g`, `db += dz` in row order, `dy = 0 + s * (0 + dz)` (or `0 + dz`).
+/// That makes it bit-identical to them, and the factor gets no gradient (it is not trained).
+/// Gives `y` back if its tape is neither an [`OwnedTape`] nor a [`NoneTape`].
+#[allow(clippy::type_complexity)]
+fn cpu_affine<T: 'static>(
+    y: Tensor<(usize, usize), f32, Cpu, T>,
+    scale: Option<&[f32]>,
+    b: &Tensor<(usize,), f32, Cpu>,
+    relu: bool,
+) -> std::result::Result<Tensor<(usize, usize), f32, Cpu, T>, Tensor<(usize, usize), f32, Cpu, T>> {
+    let (batch, o) = *y.shape();
+    let (y, tape) = y.split_tape();
+    let owned = match same_type::<T, OwnedTape<f32, Cpu>>(tape) {
+        Ok(t) => Some(t),
+        Err(t) => match same_type::<T, NoneTape>(t) {
+            Ok(_) => None,
+            Err(t) => return Err(y.put_tape(t)),
+        },
+    };
+    let y = y.contiguous();
+    let mut bias = vec![0f32; o];
+    b.copy_into(&mut bias);
+    let mut v = vec![0f32; batch * o];
+    y.copy_into(&mut v);
+    for row in v.chunks_exact_mut(o) {
+        match scale {
+            Some(s) => row
+                .iter_mut()
+                .zip(s)
+                .zip(&bias)
+                .for_each(|((z, &s), &b)| *z = *z * s + b),
+            None => row.iter_mut().zip(&bias).for_each(|(z, &b)| *z += b),
+        }
+        if relu {
+            row.iter_mut().for_each(|z| *z = z.max(0.0));
+        }
+    }
+    // the ReLU's derivative: out > 0 exactly where z > 0
+    let active: Vec<u64> = if relu && owned.is_some() {
+        let mut bits = vec![0u64; v.len().div_ceil(64)];
+        for (i, &z) in v.iter().enumerate() {
+            bits[i / 64] |= ((z > 0.0) as u64) << (i % 64);
+        }
+        bits
+    } else {
+        Vec::new()
+    };
+    let out = y.device().tensor_from_vec(v, (batch, o));
+    let Some(mut tape) = owned else {
+        return Ok(same_type(out).unwrap_or_else(|_| unreachable!()));
+    };
+    let (yg, bg, og) = (y.ghost(), b.ghost(), out.ghost());
+    let s = scale.map(<[f32]>::to_vec);
+    tape.add_backward_op(move |grads| {
+        let mut go = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+        if relu {
+            for (i, g) in go.iter_mut().enumerate() {
+                *g = if bit(&active, i) { 0.0 + *g } else { 0.0 };
+            }
+        }
+        let gb = grads.get_or_alloc_mut(&bg)?;
+        for row in go.chunks_exact(o) {
+            gb.iter_mut().zip(row).for_each(|(b, &g)| *b += g);
+        }
+        let gy = grads.get_or_alloc_mut(&yg)?;
+        match &s {
+            Some(s) => {
+                for (grow, row) in gy.chunks_exact_mut(o).zip(go.chunks_exact(o)) {
+                    grow.iter_mut()
+                        .zip(row)
+                        .zip(s)
+                        .for_each(|((d, &g), &s)| *d += s * (0.0 + g));
+                }
+            }
+            None => gy.iter_mut().zip(&go).for_each(|(d, &g)| *d += g),
+        }
+        // the output's gradient goes back where it was
+        **grads.get_or_alloc_mut(&og)? = go;
+        Ok(())
+    });
+    Ok(same_type(out.put_tape(tape)).unwrap_or_else(|_| unreachable!()))
+}
+
+/// A tensor's values in logical (row-major) order: one copy of the physical buffer (made
+/// contiguous first, which is free for the fresh outputs this module reads).
+fn to_host<S: Shape, D: Device<f32>>(t: &Tensor<S, f32, D>) -> Vec<f32> {
+    let t = t.clone().contiguous();
+    let mut out = vec![0f32; t.shape().num_elements()];
+    t.copy_into(&mut out);
+    out
+}
+
+/// The gradient of parameter `t` (a contiguous tensor, so the gradient's physical order is its
+/// logical order), taken out of `grads`.
+///
+/// On the CPU the gradient buffer is host memory and is moved out without a copy. dfdx does
+/// not name its CPU buffer type publicly, so the CPU is recognised by a type check on the
+/// gradient store; on other devices the gradient is copied to the host.
+fn take_grad<S: Shape, D: Device<f32>>(
+    grads: &mut Gradients<f32, D>,
+    t: &Tensor<S, f32, D>,
+) -> Vec<f32> {
+    let any_grads: &mut dyn Any = grads;
+    let any_t: &dyn Any = t;
+    if let (Some(g), Some(t)) = (
+        any_grads.downcast_mut::<Gradients<f32, Cpu>>(),
+        any_t.downcast_ref::<Tensor<S, f32, Cpu>>(),
+    ) {
+        let buf = g
+            .get_or_alloc_mut(t)
+            .expect("the CPU allocates gradients infallibly");
+        return std::mem::take(&mut **buf);
+    }
+    let mut out = vec![0f32; t.shape().num_elements()];
+    grads.get(t).copy_into(&mut out);
+    out
 }
 
 /// Cross-entropy with logits that are guaranteed contiguous.
@@ -311,4 +494,61 @@ pub fn contiguous_cross_entropy<D: Device<f32>, T: Tape<f32, D>>(
     target: Tensor<(usize, usize), f32, D>,
 ) -> Tensor<(), f32, D, T> {
     cross_entropy_with_logits_loss(logits.contiguous(), target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The fused CPU kernel and the dfdx composition give the same bits: loss, activations,
+    /// logits and every gradient, with and without SP-in factors.
+    #[test]
+    fn fused_cpu_layer_is_bit_identical_to_the_dfdx_ops() {
+        let dev = Cpu::default();
+        let widths = [7, 9, 6, 3];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (case, batch) in [(0, 5), (1, 1), (2, 13)] {
+            let mut models: Vec<Mlp<Cpu>> = (0..2)
+                .map(|_| Mlp::new(&dev, &widths, case).unwrap())
+                .collect();
+            models[1].fused = false;
+            let scales: Vec<Option<Vec<f32>>> = (0..3)
+                .map(|l| {
+                    (case + l as u64 % 2 > 0).then(|| {
+                        (0..widths[l + 1])
+                            .map(|_| rng.gen_range(0.5..2.0))
+                            .collect()
+                    })
+                })
+                .collect();
+            assert!(scales.iter().any(Option::is_some));
+            for m in &mut models {
+                for (l, s) in scales.iter().enumerate() {
+                    m.set_scale(l, s.as_deref()).unwrap();
+                }
+            }
+            let x: Vec<f32> = (0..batch * 7).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let y: Vec<usize> = (0..batch).map(|i| i % 3).collect();
+            let [a, b] = [&models[0], &models[1]].map(|m| m.train_step(&x, &y, batch).unwrap());
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "case {case}");
+            for l in 0..3 {
+                assert_eq!(bits(&a.grad_w[l]), bits(&b.grad_w[l]), "case {case} w{l}");
+                assert_eq!(bits(&a.grad_b[l]), bits(&b.grad_b[l]), "case {case} b{l}");
+                assert!(a.grad_w[l].iter().any(|&g| g != 0.0));
+            }
+            for (ha, hb) in a.hidden.iter().zip(&b.hidden) {
+                assert_eq!(bits(ha), bits(hb), "case {case}");
+                assert!(ha.contains(&0.0) && ha.iter().any(|&v| v > 0.0));
+            }
+            let [ea, eb] = [&models[0], &models[1]].map(|m| m.forward(&x, batch).unwrap());
+            assert_eq!(bits(&ea.logits), bits(&eb.logits), "case {case}");
+            for (ha, hb) in ea.hidden.iter().zip(&eb.hidden) {
+                assert_eq!(bits(ha), bits(hb));
+            }
+        }
+    }
 }

@@ -522,7 +522,7 @@ pub fn train_step<D: Device<f32>>(
 ) -> Result<StepReport> {
     let widths = model.widths().to_vec();
     let n_layers = widths.len() - 1;
-    let mut out = model.train_step(x, y, batch)?;
+    let mut out = model.train_step_with(x, y, batch, pruner.is_some())?;
     if let Some(p) = pruner.as_deref_mut() {
         p.observe("input", Activations::batch_major(x, batch, widths[0]))?;
         for (h, acts) in out.hidden.iter().enumerate() {
