@@ -3,6 +3,7 @@
 
 use crate::changedet::{self, ChangeDetConfig, ChangeDetTask};
 use crate::cli_run::{DeviceKind, RunArgs};
+use crate::cli_sweep::SweepArgs;
 use crate::convrun::{self, task_of, ConvRunResult, ConvRunSpec, ConvTask};
 use crate::faceid::{self, FaceIdConfig, FaceIdTask};
 use crate::io::write_atomic;
@@ -99,14 +100,34 @@ fn progress(total: u64, quiet: bool, label: &str) -> ProgressBar {
     pb
 }
 
-/// Creates the folder (when `fresh`), trains the unfinished runs and writes `results.json`.
-/// Returns `None` when the runs stopped early.
+/// How an invocation treats the experiment folder and its runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A new folder (must not exist); every run.
+    Fresh,
+    /// An existing folder; every unfinished run.
+    Resume,
+    /// Share `index` of `count` of the runs (by position in the grid); the folder is shared
+    /// with the other shards and created by whichever comes first.
+    Shard {
+        /// This shard, `0..count`.
+        index: usize,
+        /// Number of shards.
+        count: usize,
+    },
+    /// Train nothing; write the report if every run is finished.
+    Merge,
+}
+
+/// Prepares the folder for `mode`, trains this invocation's unfinished runs and, once every
+/// run of the grid is finished, writes `results.json` and returns all results (in grid
+/// order). Returns `None` when runs stopped early or others are still missing.
 #[allow(clippy::too_many_arguments)]
 fn drive<T: ConvTask>(
     dev: &Cpu,
     text: &str,
     dir: &Path,
-    fresh: bool,
+    mode: Mode,
     name: &str,
     runs: &[ConvRunSpec],
     first: (u64, T),
@@ -114,38 +135,85 @@ fn drive<T: ConvTask>(
     quiet: bool,
     stop_after: Option<usize>,
 ) -> Result<Option<Vec<ConvRunResult>>> {
-    if fresh {
-        ensure!(!dir.exists(), "{} exists already", dir.display());
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_atomic(&dir.join("config.toml"), text.as_bytes())?;
+    let cfg_path = dir.join("config.toml");
+    match mode {
+        Mode::Fresh => {
+            ensure!(!dir.exists(), "{} exists already", dir.display());
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            write_atomic(&cfg_path, text.as_bytes())?;
+        }
+        Mode::Shard { .. } => {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            match fs::read_to_string(&cfg_path) {
+                Ok(t) => ensure!(
+                    t == text,
+                    "{} holds a different experiment; every shard must run the same config",
+                    cfg_path.display()
+                ),
+                Err(_) => write_atomic(&cfg_path, text.as_bytes())?,
+            }
+        }
+        Mode::Resume | Mode::Merge => ensure!(
+            cfg_path.is_file(),
+            "{} is not an experiment folder (no config.toml)",
+            dir.display()
+        ),
     }
-    let todo: u64 = runs
+    let mine: Vec<ConvRunSpec> = runs
         .iter()
-        .filter(|r| !dir.join(r.rel_dir()).join("final.json").exists())
+        .enumerate()
+        .filter(|(i, _)| match mode {
+            Mode::Fresh | Mode::Resume => true,
+            Mode::Shard { index, count } => i % count == index,
+            Mode::Merge => false,
+        })
+        .map(|(_, r)| r.clone())
+        .collect();
+    let done = |r: &ConvRunSpec| dir.join(r.rel_dir()).join("final.json").exists();
+    let todo: u64 = mine
+        .iter()
+        .filter(|r| !done(r))
         .map(|r| r.total_steps)
         .sum();
-    let pb = progress(todo, quiet, name);
-    let mut first = Some(first);
-    let out = convrun::execute(
-        dev,
-        dir,
-        runs,
-        |seed| match first.take() {
-            Some((s, t)) if s == seed => Ok(t),
-            _ => make(seed),
-        },
-        Some(pb.clone()),
-        stop_after,
-    )?;
-    pb.finish_and_clear();
-    let Some(results) = out else {
+    if todo > 0 {
+        let pb = progress(todo, quiet, name);
+        let mut first = Some(first);
+        let out = convrun::execute(
+            dev,
+            dir,
+            &mine,
+            |seed| match first.take() {
+                Some((s, t)) if s == seed => Ok(t),
+                _ => make(seed),
+            },
+            Some(pb.clone()),
+            stop_after,
+        )?;
+        pb.finish_and_clear();
+        if out.is_none() {
+            println!(
+                "stopped after epoch {}; continue with: bb run --resume {}",
+                stop_after.unwrap_or(0),
+                dir.display()
+            );
+            return Ok(None);
+        }
+    }
+    let missing = runs.iter().filter(|r| !done(r)).count();
+    if missing > 0 {
         println!(
-            "stopped after epoch {}; continue with: bb run --resume {}",
-            stop_after.unwrap_or(0),
+            "{name}: {} of {} runs finished; the report is written when all are \
+             (bb sweep CONFIG --out {} --merge)",
+            runs.len() - missing,
+            runs.len(),
             dir.display()
         );
         return Ok(None);
-    };
+    }
+    let results: Vec<ConvRunResult> = runs
+        .iter()
+        .map(|r| convrun::read_result(&dir.join(r.rel_dir())))
+        .collect::<Result<_>>()?;
     write_atomic(
         &dir.join("results.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -189,6 +257,25 @@ pub fn run_in(
     quiet: bool,
     stop_after: Option<usize>,
 ) -> Result<()> {
+    let mode = if fresh { Mode::Fresh } else { Mode::Resume };
+    run_mode(text, dir, mode, quiet, stop_after)
+}
+
+/// Runs the experiment of `text` in `dir` as `mode` says; writes the report once every run is
+/// finished.
+pub fn run_mode(
+    text: &str,
+    dir: &Path,
+    mode: Mode,
+    quiet: bool,
+    stop_after: Option<usize>,
+) -> Result<()> {
+    if let Mode::Shard { index, count } = mode {
+        ensure!(
+            count > 0 && index < count,
+            "--shard {index}/{count}: I must be below N"
+        );
+    }
     let dev = Cpu::default();
     let t0 = Instant::now();
     match task_of(text).as_deref() {
@@ -199,7 +286,7 @@ pub fn run_in(
             let make = |seed| FaceIdTask::new(&cfg, seed, &dev);
             let first = (cfg.seeds[0], first);
             let Some(results) = drive(
-                &dev, text, dir, fresh, &cfg.name, &runs, first, make, quiet, stop_after,
+                &dev, text, dir, mode, &cfg.name, &runs, first, make, quiet, stop_after,
             )?
             else {
                 return Ok(());
@@ -217,7 +304,7 @@ pub fn run_in(
             let make = |seed| ChangeDetTask::new(&cfg, seed, &dev);
             let first = (cfg.seeds[0], first);
             let Some(results) = drive(
-                &dev, text, dir, fresh, &cfg.name, &runs, first, make, quiet, stop_after,
+                &dev, text, dir, mode, &cfg.name, &runs, first, make, quiet, stop_after,
             )?
             else {
                 return Ok(());
@@ -231,6 +318,47 @@ pub fn run_in(
         Some(other) => bail!("task {other:?} is not a known conv task (known: faceid, changedet)"),
         None => Err(anyhow!("the config has no `task` field")),
     }
+}
+
+/// Whether `bb sweep` arguments name a conv experiment (a conv preset or a config file with a
+/// `task`).
+pub fn handles_sweep(args: &SweepArgs) -> bool {
+    args.sweep
+        .to_str()
+        .is_some_and(|s| conv_config_text(s).ok().flatten().is_some())
+}
+
+/// `bb sweep` for conv experiments: the experiment's grid (methods x densities x seeds), or
+/// one shard of it (`--shard I/N`, runs `I, I+N, ...`), into a folder shared by all shards;
+/// the shard that finishes the grid (or `--merge`) writes the report.
+pub fn sweep(args: &SweepArgs) -> Result<()> {
+    let name = args.sweep.to_string_lossy().to_string();
+    let text =
+        conv_config_text(&name)?.ok_or_else(|| anyhow!("{name} is not a conv experiment"))?;
+    ensure!(
+        args.report.is_none() && !args.list && args.max_runs.is_none(),
+        "--report, --list and --max-runs apply to MLP sweeps only"
+    );
+    if let Some(d) = &args.data_dir {
+        crate::realdata::set_data_dir(Some(d.clone()));
+    }
+    let cfg_name = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .ok_or_else(|| anyhow!("experiment config: missing field `name`"))?;
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join("sweeps").join(&cfg_name));
+    let mode = match (&args.shard, args.merge) {
+        (_, true) => Mode::Merge,
+        (Some(s), false) => Mode::Shard {
+            index: s.index,
+            count: s.count,
+        },
+        (None, false) => Mode::Shard { index: 0, count: 1 },
+    };
+    run_mode(&text, &dir, mode, args.quiet, None)
 }
 
 /// `bb run` for conv experiments.

@@ -290,3 +290,76 @@ fn presets_parse_and_validate() {
         assert!(c.seeds.len() >= 3);
     }
 }
+
+#[test]
+fn sweep_shards_share_one_folder_and_the_last_one_writes_the_report() {
+    let text = tiny_config(false);
+    let cfg_dir = Tmp::new("sweep-cfg");
+    std::fs::create_dir_all(&cfg_dir.0).unwrap();
+    let cfg = cfg_dir.0.join("tiny.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = Tmp::new("sweep-out");
+    let bb = env!("CARGO_BIN_EXE_bb");
+    let shard = |i: usize| {
+        std::process::Command::new(bb)
+            .args([
+                "sweep",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.0.to_str().unwrap(),
+            ])
+            .args(["--shard", &format!("{i}/2"), "--quiet"])
+            .output()
+            .unwrap()
+    };
+    // two shards at once, as a job array would run them
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| shard(0));
+        let b = s.spawn(|| shard(1));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(
+        out.0.join("report.md").exists(),
+        "the shard that finished last wrote the report"
+    );
+    // the reference: the same grid in one `bb run` process
+    let full = Tmp::new("sweep-ref");
+    let r = std::process::Command::new(bb)
+        .args([
+            "run",
+            cfg.to_str().unwrap(),
+            "--out",
+            full.0.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        results(&out.0),
+        results(&full.0),
+        "sharding does not change results"
+    );
+    // --merge rewrites the report from the finished runs; a different config is refused
+    std::fs::remove_file(out.0.join("report.md")).unwrap();
+    let m = std::process::Command::new(bb)
+        .args([
+            "sweep",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.0.to_str().unwrap(),
+            "--merge",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    assert!(out.0.join("report.md").exists());
+    std::fs::write(&cfg, text.replace("lr = 0.005", "lr = 0.004")).unwrap();
+    let e = shard(0);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("different experiment"));
+}

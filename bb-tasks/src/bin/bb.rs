@@ -53,6 +53,9 @@ fn main() {
             bb_tasks::cli_run::presets().and_then(|()| bb_tasks::cli_conv::presets())
         }
         Some(Cmd::Tour(args)) => bb_tasks::cli_run::tour(&args),
+        Some(Cmd::Sweep(args)) if bb_tasks::cli_conv::handles_sweep(&args) => {
+            bb_tasks::cli_conv::sweep(&args)
+        }
         Some(Cmd::Sweep(args)) => bb_tasks::cli_sweep::sweep(&args),
         Some(Cmd::Merge(args)) => bb_tasks::cli_sweep::merge(&args),
         Some(Cmd::Theory(args)) => bb_tasks::cli_theory::run(&args),
