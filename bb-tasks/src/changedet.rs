@@ -27,7 +27,7 @@ use crate::convkit::{ops, BatchNorm, Conv2d, Ctx, MaxPool, ParamId, ParamStore, 
 use crate::convkit::{to_channel_major, Act};
 use crate::convrun::{self, ArmSpec, ConvRunResult, ConvRunSpec, ConvTask};
 use crate::realdata::{data_dir, image_files, ImageSet};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use bb_core::Topology;
 use dfdx::prelude::*;
 use dfdx::tensor::Cpu;
@@ -866,7 +866,13 @@ impl Counts {
 }
 
 /// The change metrics of predicted probabilities against truth (both `[n, pixels]`).
-pub fn change_metrics(prob: &[f32], truth: &[u8], pixels: usize) -> BTreeMap<String, f64> {
+pub fn change_metrics(prob: &[f32], truth: &[u8], pixels: usize) -> Result<BTreeMap<String, f64>> {
+    ensure!(
+        pixels > 0 && prob.len() == truth.len() && prob.len() % pixels == 0,
+        "change metrics: {} probabilities and {} truth values are not whole images of {pixels} pixels",
+        prob.len(),
+        truth.len()
+    );
     let mut pooled = Counts::default();
     let (mut iou, mut f1, mut empty) = (Vec::new(), Vec::new(), 0usize);
     for (p, t) in prob.chunks_exact(pixels).zip(truth.chunks_exact(pixels)) {
@@ -895,7 +901,7 @@ pub fn change_metrics(prob: &[f32], truth: &[u8], pixels: usize) -> BTreeMap<Str
     if let Some(ap) = crate::stats::average_precision(&scores, &pos) {
         m.insert("pr_auc".to_string(), ap);
     }
-    m
+    Ok(m)
 }
 
 impl ChangeDetTask {
@@ -1018,7 +1024,7 @@ impl ConvTask for ChangeDetTask {
         let n = self.cfg.data.eval_pairs.min(self.test.len());
         let (prob, _) = self.predict(m, st, n, None)?;
         let px = self.test.size * self.test.size;
-        let all = change_metrics(&prob, &self.test.mask[..n * px], px);
+        let all = change_metrics(&prob, &self.test.mask[..n * px], px)?;
         Ok(all
             .into_iter()
             .filter(|(k, _)| k == "f1_pooled" || k == "pr_auc")
@@ -1035,7 +1041,7 @@ impl ConvTask for ChangeDetTask {
         let sub = self.cfg.data.eval_subset.min(n);
         let (prob, taps) = self.predict(m, st, n, Some(sub))?;
         let px = self.test.size * self.test.size;
-        let mut metrics = change_metrics(&prob, &self.test.mask, px);
+        let mut metrics = change_metrics(&prob, &self.test.mask, px)?;
         metrics.insert("changed_fraction".to_string(), self.test.changed_fraction());
         let q: Vec<u8> = prob.iter().map(|&p| (p * 255.0).round() as u8).collect();
         let arr = crate::npy::array(&[n, self.test.size, self.test.size], q)?;
@@ -1106,9 +1112,17 @@ const GAP: usize = 4;
 
 /// Panel rows `[t1 | t2 | truth | a | b]` of the given pairs. Prediction tiles: green = change
 /// found, red = change missed, blue = false alarm, black = no change.
-pub fn panel(test: &Pairs, rows: &[usize], a: &[u8], b: &[u8]) -> (usize, usize, Vec<u8>) {
+pub fn panel(test: &Pairs, rows: &[usize], a: &[u8], b: &[u8]) -> Result<(usize, usize, Vec<u8>)> {
     let s = test.size;
     let px = s * s;
+    ensure!(
+        a.len() == test.mask.len() && b.len() == test.mask.len(),
+        "panel: predictions do not match the {} test pairs",
+        test.len()
+    );
+    if let Some(&r) = rows.iter().find(|&&r| r >= test.len()) {
+        bail!("panel: pair {r} of {}", test.len());
+    }
     let tile = s * ZOOM;
     let w = 5 * tile + 6 * GAP;
     let h = rows.len() * tile + (rows.len() + 1) * GAP;
@@ -1145,7 +1159,7 @@ pub fn panel(test: &Pairs, rows: &[usize], a: &[u8], b: &[u8]) -> (usize, usize,
             }
         }
     }
-    (w, h, img)
+    Ok((w, h, img))
 }
 
 fn color(pred: bool, truth: bool) -> [u8; 3] {
@@ -1159,7 +1173,12 @@ fn color(pred: bool, truth: bool) -> [u8; 3] {
 
 /// The pairs where `a` finds most changed pixels that `b` misses (most first; at most
 /// `rows`, only pairs with at least one such pixel).
-pub fn most_found(test: &Pairs, a: &[u8], b: &[u8], rows: usize) -> Vec<(usize, usize)> {
+pub fn most_found(test: &Pairs, a: &[u8], b: &[u8], rows: usize) -> Result<Vec<(usize, usize)>> {
+    ensure!(
+        a.len() == test.mask.len() && b.len() == test.mask.len(),
+        "most_found: predictions do not match the {} test pairs",
+        test.len()
+    );
     let px = test.size * test.size;
     let mut v: Vec<(usize, usize)> = (0..test.len())
         .map(|i| {
@@ -1175,7 +1194,7 @@ pub fn most_found(test: &Pairs, a: &[u8], b: &[u8], rows: usize) -> Vec<(usize, 
         .collect();
     v.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
     v.truncate(rows);
-    v
+    Ok(v)
 }
 
 const METRICS: [(&str, &str, f64); 5] = [
@@ -1337,14 +1356,14 @@ pub fn report(
                     &pa,
                 ),
             ] {
-                let rows = most_found(test, found, missed, cfg.panels.rows);
+                let rows = most_found(test, found, missed, cfg.panels.rows)?;
                 writeln!(w, "### {title}\n")?;
                 if rows.is_empty() {
                     writeln!(w, "No test pair has such pixels.\n")?;
                     continue;
                 }
                 let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
-                let (pw, ph, img) = panel(test, &idx, &pb, &pa);
+                let (pw, ph, img) = panel(test, &idx, &pb, &pa)?;
                 write_png(&dir.join("panels").join(file), pw, ph, &img)?;
                 writeln!(
                     w,

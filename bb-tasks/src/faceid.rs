@@ -429,8 +429,11 @@ pub fn build_data(cfg: &FaceIdConfig, seed: u64) -> Result<FaceData> {
 }
 
 /// ROC-AUC of `scores` for `positive` (Mann-Whitney, ties counted half); `None` without both
-/// classes.
+/// classes or when the lengths differ.
 pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
+    if scores.len() != positive.len() {
+        return None;
+    }
     let n_pos = positive.iter().filter(|&&p| p).count();
     let n_neg = positive.len() - n_pos;
     if n_pos == 0 || n_neg == 0 {
@@ -454,9 +457,10 @@ pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
 
 /// The threshold (predict "same" when `score >= t`) that maximizes accuracy on the given
 /// scores, and that accuracy. Candidates are midpoints between consecutive distinct scores
-/// (and below the lowest); ties go to the lowest threshold.
+/// (and below the lowest); ties go to the lowest threshold. `None` without scores or when the
+/// lengths differ.
 pub fn best_threshold(scores: &[f64], positive: &[bool]) -> Option<(f64, f64)> {
-    if scores.is_empty() {
+    if scores.is_empty() || scores.len() != positive.len() {
         return None;
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();

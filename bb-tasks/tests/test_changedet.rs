@@ -143,7 +143,9 @@ fn metrics_match_hand_counts() {
     // two 2x2 images: [TP, FP, FN, TN] and an empty pair (excluded from per-image means)
     let prob = [0.9, 0.6, 0.1, 0.2, 0.1, 0.1, 0.1, 0.1];
     let truth = [1, 0, 1, 0, 0, 0, 0, 0];
-    let m = change_metrics(&prob, &truth, 4);
+    let m = change_metrics(&prob, &truth, 4).unwrap();
+    assert!(change_metrics(&prob, &truth, 0).is_err());
+    assert!(change_metrics(&prob, &truth[..4], 4).is_err());
     assert_eq!(
         Counts::of(&prob[..4], &truth[..4]),
         Counts {
@@ -171,9 +173,10 @@ fn most_found_ranks_pairs_by_pixels_one_finds_and_the_other_misses() {
     };
     let a = [255, 255, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0];
     let b = [0, 0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0];
-    assert_eq!(most_found(&test, &a, &b, 5), vec![(0, 2), (2, 2)]);
-    assert_eq!(most_found(&test, &a, &b, 1), vec![(0, 2)]);
-    assert!(most_found(&test, &b, &a, 5).is_empty());
+    assert_eq!(most_found(&test, &a, &b, 5).unwrap(), vec![(0, 2), (2, 2)]);
+    assert_eq!(most_found(&test, &a, &b, 1).unwrap(), vec![(0, 2)]);
+    assert!(most_found(&test, &b, &a, 5).unwrap().is_empty());
+    assert!(most_found(&test, &a[..4], &b, 5).is_err());
 }
 
 #[test]

@@ -86,6 +86,8 @@ fn roc_auc_matches_pair_counting() {
         }
     }
     assert_eq!(roc_auc(&[0.1, 0.9], &[false, true]), Some(1.0));
+    assert_eq!(roc_auc(&[0.1, 0.9], &[false]), None);
+    assert_eq!(best_threshold(&[0.1, 0.9], &[true]), None);
 }
 
 #[test]
