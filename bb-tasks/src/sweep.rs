@@ -818,6 +818,9 @@ impl SweepConfig {
     }
 }
 
+/// This host's name with every character but ASCII letters and digits replaced by `_`, so
+/// that `<host>-<pid>-<n>` in a partial folder's name splits unambiguously (no host name is
+/// a `-`-prefix of another's).
 fn host_name() -> String {
     let h = fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -826,13 +829,7 @@ fn host_name() -> String {
     let h: String = h
         .trim()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     if h.is_empty() {
         "host".to_string()
