@@ -15,6 +15,7 @@ pub mod convrun;
 pub mod data;
 pub mod export;
 pub mod faceid;
+pub mod fpenv;
 pub mod io;
 pub mod measure;
 pub mod model;

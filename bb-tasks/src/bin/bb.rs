@@ -40,6 +40,8 @@ enum Cmd {
 }
 
 fn main() {
+    // Subnormal numbers flushed to zero on every thread (see `bb_tasks::fpenv` for why).
+    bb_tasks::fpenv::flush_subnormals_everywhere();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Mask(args)) => bb_tasks::cli_mask::run(&args),
