@@ -1,8 +1,8 @@
-//! Layers over channel-major activations `(C·H·W, B)`: convolution, batch- and group-norm,
-//! max-pooling, nearest upsampling, global average pooling and a linear head. Each layer
-//! holds only ids into a [`ParamStore`] and its row plans; the forward passes are generic
-//! over the tape, so the same code runs with gradients (`OwnedTape`) and without
-//! (`NoneTape`).
+//! Layers over channel-major activations `(C·H·W, B)` (2-D) or `(C·D·H·W, B)` (3-D):
+//! convolution, batch- and group-norm, max-pooling, nearest upsampling, global average
+//! pooling and a linear head. Each layer holds only ids into a [`ParamStore`] and its row
+//! plans; the forward passes are generic over the tape, so the same code runs with gradients
+//! (`OwnedTape`) and without (`NoneTape`).
 
 use super::ops::{self, BatchStats};
 use super::params::{ParamId, ParamKind, ParamStore};
@@ -123,11 +123,16 @@ pub fn he_uniform(rng: &mut impl Rng, n: usize, fan_in: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
 }
 
-/// A 2-D convolution: weights `[out, in, kh, kw]` (PyTorch layout), optional bias, any
-/// kernel, stride and zero padding. An optional per-output-channel factor set on the weight
-/// in the store (the SP-in rescale) multiplies the weight rows at use.
+/// A 2-D or 3-D convolution: weights `[out, in, kh, kw]` or `[out, in, kd, kh, kw]`
+/// (PyTorch layout), optional bias, any kernel, stride and zero padding. An optional
+/// per-output-channel factor set on the weight in the store (the SP-in rescale) multiplies
+/// the weight rows at use.
+///
+/// Both ranks share one code path: a 2-D convolution is a 3-D one over a grid of depth 1
+/// with a kernel of depth 1 ([`Geom`]); the rank only decides the weight's shape and the
+/// kernel dims the engine sees.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub struct Conv {
     /// Layer name (its weight is `<name>.weight`).
     pub name: String,
     /// Weight id.
@@ -138,11 +143,17 @@ pub struct Conv2d {
     pub geom: Geom,
     /// Output channels.
     pub out: usize,
+    /// 2 or 3.
+    pub rank: usize,
     plan: Option<Arc<RowPlan>>,
 }
 
-impl Conv2d {
-    /// Adds `<name>.weight` (and `<name>.bias`) to the store, He-initialised from `rng`.
+/// The 2-D name of [`Conv`] (its [`Conv::new`] builds 2-D convolutions).
+pub type Conv2d = Conv;
+
+impl Conv {
+    /// A 2-D convolution: adds `<name>.weight` `[out, inp, k, k]` (and `<name>.bias`) to
+    /// the store, He-initialised from `rng`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: &mut ParamStore,
@@ -156,17 +167,51 @@ impl Conv2d {
         pad: usize,
         bias: bool,
     ) -> Result<Self> {
-        ensure!(out > 0, "{name}: output channels must be > 0");
         let geom = Geom::square(name, inp, hw.0, hw.1, k, stride, pad)?;
+        Self::with_geom(store, rng, name, out, geom, 2, bias)
+    }
+
+    /// A 3-D convolution over a `[d, h, w]` grid: cubic kernel `k`, the same stride and
+    /// padding in every dimension; weight `[out, inp, k, k, k]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_3d(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        inp: usize,
+        out: usize,
+        dhw: [usize; 3],
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let geom = Geom::new(name, inp, dhw, [k; 3], [stride; 3], [pad; 3])?;
+        Self::with_geom(store, rng, name, out, geom, 3, bias)
+    }
+
+    fn with_geom(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        out: usize,
+        geom: Geom,
+        rank: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        ensure!(out > 0, "{name}: output channels must be > 0");
         let plan = if geom.is_pointwise() {
             None
         } else {
             Some(Arc::new(RowPlan::im2col(&geom)?))
         };
-        let fan_in = inp * k * k;
+        let inp = geom.c;
+        let fan_in = inp * geom.kernel_len();
+        let mut shape = vec![out, inp];
+        shape.extend_from_slice(&geom.k[3 - rank..]);
         let w = store.add(
             &format!("{name}.weight"),
-            &[out, inp, k, k],
+            &shape,
             he_uniform(rng, out * fan_in, fan_in),
             ParamKind::Trainable,
         )?;
@@ -186,6 +231,7 @@ impl Conv2d {
             b,
             geom,
             out,
+            rank,
             plan,
         })
     }
@@ -195,22 +241,26 @@ impl Conv2d {
         (self.geom.out[1], self.geom.out[2])
     }
 
-    /// Kernel dims `[kh, kw]` (for the engine's topology).
-    pub fn kernel(&self) -> [usize; 2] {
-        [self.geom.k[1], self.geom.k[2]]
+    /// Output grid `[d, h, w]` (`d = 1` in 2-D).
+    pub fn out_dhw(&self) -> [usize; 3] {
+        self.geom.out
     }
 
-    /// `(in·H·W, B) -> (out·Ho·Wo, B)`.
+    /// Kernel dims for the engine's topology: `[kh, kw]` in 2-D, `[kd, kh, kw]` in 3-D.
+    pub fn kernel(&self) -> Vec<usize> {
+        self.geom.k[3 - self.rank..].to_vec()
+    }
+
+    /// `(in·D·H·W, B) -> (out·Do·Ho·Wo, B)`.
     pub fn forward<T: Tape<f32, Cpu>>(&self, store: &ParamStore, x: Act<T>) -> Result<Act<T>> {
         let (rows, b) = *x.shape();
         let g = &self.geom;
         ensure!(
             rows == g.rows_in(),
-            "{}: input has {rows} rows, expected {} channels x {}x{} = {}",
+            "{}: input has {rows} rows, expected {} channels x {} = {}",
             self.name,
             g.c,
-            g.inp[1],
-            g.inp[2],
+            grid(&g.inp[3 - self.rank..]),
             g.rows_in()
         );
         let (ck, osp) = (g.c * g.kernel_len(), g.out_spatial());
@@ -243,6 +293,14 @@ impl Conv2d {
         };
         Ok(y.reshape_like(&(self.out * osp, b)))
     }
+}
+
+/// `"4x5"` or `"3x4x5"`.
+fn grid(dims: &[usize]) -> String {
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 /// Batch-norm over channels: batch statistics in training mode (folded into running
@@ -377,7 +435,7 @@ impl GroupNorm {
     }
 }
 
-/// Max-pooling with a square window.
+/// Max-pooling with a square (2-D) or cubic (3-D) window.
 #[derive(Debug, Clone)]
 pub struct MaxPool {
     /// Layer name.
@@ -390,7 +448,15 @@ pub struct MaxPool {
 impl MaxPool {
     /// `k x k` windows with stride `stride`, no padding, over `c` channels of `h x w`.
     pub fn new(name: &str, c: usize, hw: (usize, usize), k: usize, stride: usize) -> Result<Self> {
-        let geom = Geom::square(name, c, hw.0, hw.1, k, stride, 0)?;
+        Self::with_geom(name, Geom::square(name, c, hw.0, hw.1, k, stride, 0)?)
+    }
+
+    /// `k x k x k` windows with stride `stride`, no padding, over `c` channels of `d x h x w`.
+    pub fn new_3d(name: &str, c: usize, dhw: [usize; 3], k: usize, stride: usize) -> Result<Self> {
+        Self::with_geom(name, Geom::new(name, c, dhw, [k; 3], [stride; 3], [0; 3])?)
+    }
+
+    fn with_geom(name: &str, geom: Geom) -> Result<Self> {
         let plan = Arc::new(PoolPlan::new(name, &geom)?);
         Ok(Self {
             name: name.to_string(),
@@ -404,39 +470,53 @@ impl MaxPool {
         (self.geom.out[1], self.geom.out[2])
     }
 
-    /// `(c·H·W, B) -> (c·Ho·Wo, B)`.
+    /// Output grid `[d, h, w]`.
+    pub fn out_dhw(&self) -> [usize; 3] {
+        self.geom.out
+    }
+
+    /// `(c·D·H·W, B) -> (c·Do·Ho·Wo, B)`.
     pub fn forward<T: Tape<f32, Cpu>>(&self, x: Act<T>) -> Result<Act<T>> {
         ops::max_pool(x, &self.plan, &self.name)
     }
 }
 
-/// Nearest upsampling by an integer factor.
+/// Nearest upsampling by an integer factor (in 2-D: height and width; in 3-D: every
+/// dimension).
 #[derive(Debug, Clone)]
 pub struct Upsample {
     /// Layer name.
     pub name: String,
-    /// Output grid.
+    /// Output grid `(h, w)`.
     pub out_hw: (usize, usize),
+    /// Output grid `[d, h, w]`.
+    pub out_dhw: [usize; 3],
     plan: Arc<RowPlan>,
 }
 
 impl Upsample {
     /// Upsamples `c` channels of `h x w` by `factor` in both dimensions.
     pub fn new(name: &str, c: usize, hw: (usize, usize), factor: usize) -> Result<Self> {
-        let plan = Arc::new(RowPlan::upsample(
-            name,
-            c,
-            [1, hw.0, hw.1],
-            [1, factor, factor],
-        )?);
+        Self::with_factors(name, c, [1, hw.0, hw.1], [1, factor, factor])
+    }
+
+    /// Upsamples `c` channels of `d x h x w` by `factor` in every dimension.
+    pub fn new_3d(name: &str, c: usize, dhw: [usize; 3], factor: usize) -> Result<Self> {
+        Self::with_factors(name, c, dhw, [factor; 3])
+    }
+
+    fn with_factors(name: &str, c: usize, inp: [usize; 3], f: [usize; 3]) -> Result<Self> {
+        let plan = Arc::new(RowPlan::upsample(name, c, inp, f)?);
+        let out = [inp[0] * f[0], inp[1] * f[1], inp[2] * f[2]];
         Ok(Self {
             name: name.to_string(),
-            out_hw: (hw.0 * factor, hw.1 * factor),
+            out_hw: (out[1], out[2]),
+            out_dhw: out,
             plan,
         })
     }
 
-    /// `(c·H·W, B) -> (c·fH·fW, B)`.
+    /// `(c·D·H·W, B) -> (c·fD·fH·fW, B)`.
     pub fn forward<T: Tape<f32, Cpu>>(&self, x: Act<T>) -> Result<Act<T>> {
         ops::row_gather(x, &self.plan, &self.name)
     }

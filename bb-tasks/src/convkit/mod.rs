@@ -8,7 +8,10 @@
 //! matrix `(C·kh·kw·Ho·Wo, B)` with precomputed runs of rows ([`RowPlan`]), views it as
 //! `(C·kh·kw, Ho·Wo·B)` and multiplies the weights `[O, C, kh, kw]` viewed as `(O, C·kh·kw)`;
 //! the product `(O, Ho·Wo·B)` *is* the next layer's `(O·Ho·Wo, B)`, so no transpose is
-//! needed between layers. The same layout is the engine's unit-major activation
+//! needed between layers. Volumes are the same with a depth: `(C·D·H·W, B)`, windows
+//! `[kd, kh, kw]`, weights `[O, C, kd, kh, kw]`; the plans and ops are rank-agnostic (a 2-D
+//! grid is a 3-D one of depth 1), and the layers' `new_3d` constructors build the 3-D
+//! geometry. The same layout is the engine's unit-major activation
 //! `[units, positions, batch]`, so a population's on-rates are read straight from it.
 //!
 //! **Parts.** [`plan`] (window geometry and row tables), [`ops`] (the custom differentiable
@@ -29,7 +32,7 @@ pub mod params;
 pub mod plan;
 
 pub use layers::{
-    global_avg_pool, BatchNorm, Conv2d, Ctx, GroupNorm, Linear, MaxPool, Tap, Upsample,
+    global_avg_pool, BatchNorm, Conv, Conv2d, Ctx, GroupNorm, Linear, MaxPool, Tap, Upsample,
 };
 pub use params::{ParamId, ParamKind, ParamStore};
 pub use plan::{Geom, PoolPlan, RowPlan, Run};
