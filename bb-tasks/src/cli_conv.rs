@@ -1,10 +1,11 @@
-//! `bb run` for the convolutional experiments (a TOML with `task = "faceid"` or
-//! `task = "changedet"`, or one of their presets).
+//! `bb run` for the convolutional experiments (a TOML with `task = "faceid"`,
+//! `task = "changedet"` or `task = "em3d"`, or one of their presets).
 
 use crate::changedet::{self, ChangeDetConfig, ChangeDetTask};
 use crate::cli_run::{DeviceKind, RunArgs};
 use crate::cli_sweep::SweepArgs;
 use crate::convrun::{self, task_of, ConvRunResult, ConvRunSpec, ConvTask};
+use crate::em::{self, EmConfig, EmTask};
 use crate::faceid::{self, FaceIdConfig, FaceIdTask};
 use crate::io::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -36,6 +37,10 @@ pub const CONV_PRESETS: &[ConvPreset] = &[
     ConvPreset {
         name: "changedet",
         toml: include_str!("../configs/changedet.toml"),
+    },
+    ConvPreset {
+        name: "em3d",
+        toml: include_str!("../configs/em3d.toml"),
     },
 ];
 
@@ -315,7 +320,27 @@ pub fn run_mode(
             print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
             Ok(())
         }
-        Some(other) => bail!("task {other:?} is not a known conv task (known: faceid, changedet)"),
+        Some("em3d") => {
+            let cfg = EmConfig::from_toml(text)?;
+            let (runs, first) = em::plan(&cfg, &dev)?;
+            let (train, test) = (first.train().clone(), first.test().clone());
+            let make = |seed| EmTask::new(&cfg, seed, &dev);
+            let first = (cfg.seeds[0], first);
+            let Some(results) = drive(
+                &dev, text, dir, mode, &cfg.name, &runs, first, make, quiet, stop_after,
+            )?
+            else {
+                return Ok(());
+            };
+            let rep = em::report(&cfg, &train, &test, &results)?;
+            write_atomic(&dir.join("report.md"), rep.as_bytes())?;
+            let m = [("f1", "F1"), ("pr_auc", "PR-AUC")];
+            print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
+            Ok(())
+        }
+        Some(other) => {
+            bail!("task {other:?} is not a known conv task (known: faceid, changedet, em3d)")
+        }
         None => Err(anyhow!("the config has no `task` field")),
     }
 }

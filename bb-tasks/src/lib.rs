@@ -13,6 +13,7 @@ pub mod config;
 pub mod convkit;
 pub mod convrun;
 pub mod data;
+pub mod em;
 pub mod export;
 pub mod faceid;
 pub mod fpenv;
