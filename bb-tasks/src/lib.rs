@@ -25,6 +25,7 @@ pub mod optim;
 pub mod realdata;
 pub mod report;
 pub mod resnet;
+pub mod speech;
 pub mod stats;
 pub mod sweep;
 pub mod trainer;
