@@ -1,5 +1,5 @@
-//! `bb run` for the convolutional experiments (a TOML with `task = "faceid"`,
-//! `task = "changedet"` or `task = "em3d"`, or one of their presets).
+//! `bb run` for the convolutional and sequence experiments (a TOML with `task = "faceid"`,
+//! `task = "changedet"`, `task = "em3d"` or `task = "speech"`, or one of their presets).
 
 use crate::changedet::{self, ChangeDetConfig, ChangeDetTask};
 use crate::cli_run::{DeviceKind, RunArgs};
@@ -8,6 +8,7 @@ use crate::convrun::{self, task_of, ConvRunResult, ConvRunSpec, ConvTask};
 use crate::em::{self, EmConfig, EmTask};
 use crate::faceid::{self, FaceIdConfig, FaceIdTask};
 use crate::io::write_atomic;
+use crate::speech::{self, SpeechConfig, SpeechTask};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use dfdx::tensor::Cpu;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -41,6 +42,10 @@ pub const CONV_PRESETS: &[ConvPreset] = &[
     ConvPreset {
         name: "em3d",
         toml: include_str!("../configs/em3d.toml"),
+    },
+    ConvPreset {
+        name: "speech",
+        toml: include_str!("../configs/speech.toml"),
     },
 ];
 
@@ -338,9 +343,27 @@ pub fn run_mode(
             print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
             Ok(())
         }
-        Some(other) => {
-            bail!("task {other:?} is not a known conv task (known: faceid, changedet, em3d)")
+        Some("speech") => {
+            let cfg = SpeechConfig::from_toml(text)?;
+            let (runs, corpus, first) = speech::plan(&cfg, &dev)?;
+            let data = first.data().meta();
+            let make = |seed| SpeechTask::new(&cfg, &corpus, seed, &dev);
+            let first = (cfg.seeds[0], first);
+            let Some(results) = drive(
+                &dev, text, dir, mode, &cfg.name, &runs, first, make, quiet, stop_after,
+            )?
+            else {
+                return Ok(());
+            };
+            let rep = speech::report(&cfg, &data, &results)?;
+            write_atomic(&dir.join("report.md"), rep.as_bytes())?;
+            let m = [("accuracy", "accuracy"), ("acc_tail", "tail accuracy")];
+            print_summary(&cfg.name, dir, t0.elapsed().as_secs_f64(), &results, m);
+            Ok(())
         }
+        Some(other) => bail!(
+            "task {other:?} is not a known conv task (known: faceid, changedet, em3d, speech)"
+        ),
         None => Err(anyhow!("the config has no `task` field")),
     }
 }

@@ -35,6 +35,8 @@ enum Cmd {
     Sweep(bb_tasks::cli_sweep::SweepArgs),
     /// Gather the finished runs of a sweep folder into its summary.
     Merge(bb_tasks::cli_sweep::MergeArgs),
+    /// The speech stand-in's corpus: `bb speech build [PRESET|CONFIG]`.
+    Speech(bb_tasks::speech::cli::SpeechArgs),
     /// The selectivity-audience law: solve, fit, simulate, linear response, DNF scaling.
     Theory(bb_tasks::cli_theory::TheoryArgs),
 }
@@ -61,6 +63,7 @@ fn main() {
         Some(Cmd::Sweep(args)) => bb_tasks::cli_sweep::sweep(&args),
         Some(Cmd::Merge(args)) => bb_tasks::cli_sweep::merge(&args),
         Some(Cmd::Theory(args)) => bb_tasks::cli_theory::run(&args),
+        Some(Cmd::Speech(args)) => bb_tasks::speech::cli::run(&args),
         None => bb_tasks::cli_run::tour(&Default::default()),
     };
     if let Err(e) = result {
