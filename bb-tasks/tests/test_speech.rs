@@ -456,3 +456,30 @@ fn tiny_synthesized_corpus_builds_resumes_and_trains() {
     check_run(&run, true, "bb_sp_in-d0.5");
     assert_eq!(cfg.data.source, Source::Synth);
 }
+
+/// The preset's grid resolves (33 runs; the per-layer actuators of the paired arm name real
+/// layers) on a tiny generated corpus.
+#[test]
+fn preset_grid_resolves() {
+    let mut t = preset();
+    let data: toml::Table = toml::from_str(
+        "source = \"tones\"\nwords = 6\nmax_per_word = 24\nmin_per_word = 4\ntest_per_word = 2\n\
+         tone_voices = 4\nclip_ms = 500\n",
+    )
+    .unwrap();
+    t.insert("data".into(), data.into());
+    let train: toml::Table = toml::from_str("epochs = 1\nbatch_size = 8\nlr = 0.002\n").unwrap();
+    t.insert("train".into(), train.into());
+    let cfg = SpeechConfig::from_toml(&toml::to_string(&t).unwrap()).unwrap();
+    let (runs, _, _) = bb_tasks::speech::plan(&cfg, &Cpu::default()).unwrap();
+    assert_eq!(runs.len(), 33);
+    let paired = runs.iter().find(|r| r.method == "bb_in_out").unwrap();
+    let layers = paired.pruning.as_ref().unwrap()["layers"]
+        .as_table()
+        .unwrap();
+    assert_eq!(
+        layers["enc1.ff2"]["actuator"]["kind"].as_str(),
+        Some("sp_out")
+    );
+    assert_eq!(layers["enc1.ff1"]["prune"].as_bool(), Some(true));
+}

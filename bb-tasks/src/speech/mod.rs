@@ -14,9 +14,10 @@
 //!
 //! Features: 40 log-mel bands every 10 ms ([`mel`]), normalized per band with the training
 //! set's statistics, `model.patch` frames stacked into one token. Model: [`net::Encoder`].
-//! BB acts on the FFN linears of every block: SP-in on the first projection (a hidden unit's
-//! fan-in), SP-out on the second (its fan-out); every method prunes both projections to the
-//! same density, so methods are compared at matched sparsity.
+//! BB acts on the FFN linears of every block: SP-in on the first projection sets a hidden
+//! unit's fan-in, SP-out on the second its fan-out (an arm picks the actuator, also per layer).
+//! Every method prunes both projections to the same density, so methods are compared at
+//! matched sparsity.
 
 pub mod cli;
 pub mod mel;
@@ -620,10 +621,12 @@ pub fn report(cfg: &SpeechConfig, data: &SpeechData, runs: &[ConvRunResult]) -> 
         w,
         "Setup: {} log-mel bands every {} samples, {} frames per token ({} tokens); a pre-norm \
          Transformer encoder (d_model {}, {} heads, FFN {}, {} blocks, mean pooling) trained \
-         with cross-entropy ({} epochs, batch {}, lr {}). Seeds: {:?}. BB acts on the FFN \
-         linears: SP-in sets the fan-in of the FFN hidden units (first projection), SP-out \
-         their fan-out (second projection); every pruning method prunes both projections of \
-         every block to the same density.\n",
+         with cross-entropy ({} epochs, batch {}, lr {}). Seeds: {:?}. Every pruning method \
+         prunes both FFN linears of every block to the same density. BB with SP-in selects \
+         each row by its unit's activity (on the first projection: the FFN hidden units' \
+         fan-in), BB with SP-out each column (on the second projection: the hidden units' \
+         fan-out); an arm may set the actuator per layer (the paper's pairing: SP-in on the \
+         first projection, SP-out on the second).\n",
         cfg.features.n_mels,
         cfg.features.hop,
         cfg.model.patch,
