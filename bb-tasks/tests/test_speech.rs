@@ -420,9 +420,31 @@ fn tiny_synthesized_corpus_builds_resumes_and_trains() {
         eprintln!("espeak-ng / flite not installed: skipped the synthesizer build (apt-get install -y espeak-ng flite)");
         return;
     }
+    // every default accent gives distinct audio for two variants (a voice name espeak-ng
+    // cannot resolve falls back silently to one voice)
+    let spec: CorpusSpec = preset()["data"].clone().try_into().unwrap();
     let tmp = Tmp::new("synth");
+    std::fs::create_dir_all(&tmp.0).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for a in &spec.espeak_accents {
+        for v in ["m3", "f2"] {
+            let wav = tmp.0.join("probe.wav");
+            let ok = std::process::Command::new("espeak-ng")
+                .args(["-v", &format!("{a}+{v}"), "-w"])
+                .arg(&wav)
+                .arg("seven")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "espeak-ng -v {a}+{v} failed");
+            let bytes = std::fs::read(&wav).unwrap();
+            if let Some(other) = seen.insert(bytes, format!("{a}+{v}")) {
+                panic!("espeak-ng voices {a}+{v} and {other} sound the same");
+            }
+        }
+    }
     let data = "source = \"synth\"\nwords = 4\nmax_per_word = 6\nmin_per_word = 3\n\
-                test_per_word = 2\nespeak_accents = [\"en-us\", \"en-gb\"]\n\
+                test_per_word = 2\nespeak_accents = [\"en-us\", \"en\"]\n\
                 espeak_variants = [\"m1\", \"f2\", \"m3\"]\nflite_voices = [\"kal16\", \"slt\"]\n\
                 heldout_flite = [\"slt\"]\nheldout_fraction = 0.34\nclip_ms = 800\n";
     let text = tiny_config(data, Some(&tmp.0));
