@@ -187,6 +187,48 @@ fn table<'a>(t: &'a mut toml::Table, key: &str, what: &str) -> Result<&'a mut to
     }
 }
 
+/// The grid of an experiment, checked: builds one model (with `seed`) to learn its layers,
+/// checks the batch size against the task's training set (`unit` names its samples in the
+/// error), expands the arms into runs and builds every run's pruner once against the
+/// topology, so a bad arm fails before any training.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_runs<T: ConvTask>(
+    task: &T,
+    dev: &Cpu,
+    seed: u64,
+    pruning: &toml::Table,
+    arms: &[ArmSpec],
+    seeds: &[u64],
+    train: &TrainConfig,
+    unit: &str,
+    prunable: impl FnOnce(&T::Model) -> Vec<String>,
+) -> Result<Vec<ConvRunSpec>> {
+    let n = task.n_train();
+    ensure!(
+        train.batch_size <= n,
+        "train.batch_size ({}) is larger than the training set ({n} {unit})",
+        train.batch_size
+    );
+    let mut store = ParamStore::new(dev);
+    let model = task.build(&mut store, seed)?;
+    let topo = task.topology(&model);
+    let layers: Vec<String> = topo.layers.iter().map(|l| l.name.clone()).collect();
+    let total = (train.epochs * (n / train.batch_size)) as u64;
+    let runs = expand_runs(
+        pruning,
+        arms,
+        seeds,
+        train,
+        total,
+        &layers,
+        &prunable(&model),
+    )?;
+    for r in &runs {
+        r.pruner(&topo)?;
+    }
+    Ok(runs)
+}
+
 /// Expands arms x densities x seeds into runs (arms outer, then densities, then seeds), with
 /// each run's engine config resolved: the arm's settings over `[pruning]`, the density, the
 /// seed, `schedule.total_steps`, and `prune = true` for exactly the model's `prunable`

@@ -686,29 +686,17 @@ pub fn plan(cfg: &FaceIdConfig, dev: &Cpu) -> Result<(Vec<ConvRunSpec>, FaceIdTa
     cfg.validate()?;
     let seed = cfg.seeds[0];
     let task = FaceIdTask::new(cfg, seed, dev)?;
-    let n = task.n_train();
-    ensure!(
-        cfg.train.batch_size <= n,
-        "train.batch_size ({}) is larger than the training set ({n} images)",
-        cfg.train.batch_size
-    );
-    let mut store = ParamStore::new(dev);
-    let model = task.build(&mut store, seed)?;
-    let topo = model.topology();
-    let layers: Vec<String> = topo.layers.iter().map(|l| l.name.clone()).collect();
-    let total = (cfg.train.epochs * (n / cfg.train.batch_size)) as u64;
-    let runs = convrun::expand_runs(
+    let runs = convrun::plan_runs(
+        &task,
+        dev,
+        seed,
         &cfg.pruning,
         &cfg.arms,
         &cfg.seeds,
         &cfg.train,
-        total,
-        &layers,
-        &model.prunable(),
+        "images",
+        |m| m.prunable(),
     )?;
-    for r in &runs {
-        r.pruner(&topo)?;
-    }
     Ok((runs, task))
 }
 

@@ -528,29 +528,17 @@ pub fn plan(cfg: &SpeechConfig, dev: &Cpu) -> Result<(Vec<ConvRunSpec>, Arc<Corp
     let corpus = Arc::new(cfg.load_corpus()?);
     let seed = cfg.seeds[0];
     let task = SpeechTask::new(cfg, &corpus, seed, dev)?;
-    let n = task.n_train();
-    ensure!(
-        cfg.train.batch_size <= n,
-        "train.batch_size ({}) is larger than the training set ({n} samples)",
-        cfg.train.batch_size
-    );
-    let mut store = ParamStore::new(dev);
-    let model = task.build(&mut store, seed)?;
-    let topo = model.topology();
-    let layers: Vec<String> = topo.layers.iter().map(|l| l.name.clone()).collect();
-    let total = (cfg.train.epochs * (n / cfg.train.batch_size)) as u64;
-    let runs = convrun::expand_runs(
+    let runs = convrun::plan_runs(
+        &task,
+        dev,
+        seed,
         &cfg.pruning,
         &cfg.arms,
         &cfg.seeds,
         &cfg.train,
-        total,
-        &layers,
-        &model.prunable(),
+        "samples",
+        |m| m.prunable(),
     )?;
-    for r in &runs {
-        r.pruner(&topo)?;
-    }
     Ok((runs, corpus, task))
 }
 
