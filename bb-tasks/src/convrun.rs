@@ -884,10 +884,17 @@ pub struct ArmResults {
     pub entropy_bits: BTreeMap<String, MetricSummary>,
     /// Decorrelation per reported population.
     pub decorrelation: BTreeMap<String, MetricSummary>,
-    /// Balance-fit slope on fan-in (SP-in's degree) per population, where defined.
+    /// Balance-fit slope on fan-in (the degree SP-in sets) per population, where defined.
     pub balance_slope: BTreeMap<String, MetricSummary>,
     /// Balance-fit R^2 on fan-in per population, where defined.
     pub balance_r2: BTreeMap<String, MetricSummary>,
+    /// Balance-fit slope on fan-out (the degree SP-out sets; the budget's degree) per
+    /// population, where defined. Absent from results written before it was kept.
+    #[serde(default)]
+    pub balance_slope_out: BTreeMap<String, MetricSummary>,
+    /// Balance-fit R^2 on fan-out per population, where defined.
+    #[serde(default)]
+    pub balance_r2_out: BTreeMap<String, MetricSummary>,
     /// Training wall time per run, seconds.
     pub wall_s: MetricSummary,
 }
@@ -945,6 +952,8 @@ pub fn summarise(runs: &[ConvRunResult]) -> Vec<ArmResults> {
                 decorrelation: per_pop(&rs, |p| p.decorrelation),
                 balance_slope: per_pop(&rs, |p| p.balance_fan_in.as_ref().map(|b| b.slope)),
                 balance_r2: per_pop(&rs, |p| p.balance_fan_in.as_ref().map(|b| b.r2)),
+                balance_slope_out: per_pop(&rs, |p| p.balance_fan_out.as_ref().map(|b| b.slope)),
+                balance_r2_out: per_pop(&rs, |p| p.balance_fan_out.as_ref().map(|b| b.r2)),
                 wall_s: summary(rs.iter().map(|r| (r.seed, r.wall_s)).collect()),
             }
         })
@@ -1032,24 +1041,30 @@ pub fn write_common_tables(
             "Activity of the populations BB acts on, measured on evaluation data: coding entropy \
              (mean binary entropy of the channels' on-rates, bits), decorrelation (mean |Pearson r| \
              of the channels' on-indicators over samples and positions; lower is more \
-             decorrelated) and the balance fit of `ln((1-a)/a)` on the fan-in that SP-in sets \
-             (slope, R^2; `-` where the degrees are all equal, as in the dense network).\n"
+             decorrelated) and the balance fit of `ln((1-a)/a)` on each channel's live degree \
+             (slope, R^2), once on fan-in (the degree SP-in sets) and once on fan-out (the \
+             degree SP-out sets, and the degree the traffic budget counts); the fit that speaks \
+             to an arm is the one on the degree its actuator sets. `-` where the fit is \
+             undefined (the degrees are all equal, as in the dense network).\n"
         )?;
         writeln!(
             w,
-            "| arm | population | entropy (bits) | decorrelation | balance slope | balance R^2 |"
+            "| arm | population | entropy (bits) | decorrelation | fit on fan-in: slope | \
+             fit on fan-in: R^2 | fit on fan-out: slope | fit on fan-out: R^2 |"
         )?;
-        writeln!(w, "|---|---|---|---|---|---|")?;
+        writeln!(w, "|---|---|---|---|---|---|---|---|")?;
         for a in arms {
             for p in &pops {
                 writeln!(
                     w,
-                    "| {} | {p} | {} | {} | {} | {} |",
+                    "| {} | {p} | {} | {} | {} | {} | {} | {} |",
                     a.arm,
                     fmt_metric(a.entropy_bits.get(p), 1.0, 3),
                     fmt_metric(a.decorrelation.get(p), 1.0, 3),
                     fmt_metric(a.balance_slope.get(p), 1.0, 3),
                     fmt_metric(a.balance_r2.get(p), 1.0, 2),
+                    fmt_metric(a.balance_slope_out.get(p), 1.0, 3),
+                    fmt_metric(a.balance_r2_out.get(p), 1.0, 2),
                 )?;
             }
         }
@@ -1197,4 +1212,79 @@ pub fn execute<T: ConvTask>(
             .map(|r| r.expect("every run finished"))
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fit(slope: f64, r2: f64) -> BalanceFit {
+        BalanceFit {
+            slope,
+            intercept: 0.0,
+            r2,
+            slope_se: 0.0,
+            n: 3,
+            excluded: 0,
+        }
+    }
+
+    fn run(method: &str, density: Option<f64>, seed: u64, metric: f64) -> ConvRunResult {
+        ConvRunResult {
+            arm: density.map_or(method.to_string(), |d| format!("{method}-d{d}")),
+            method: method.to_string(),
+            density,
+            seed,
+            steps: 1,
+            metrics: [("acc".to_string(), metric)].into(),
+            achieved_density: density.unwrap_or(1.0),
+            layers: Vec::new(),
+            populations: vec![ConvPopStats {
+                population: "h".into(),
+                units: 3,
+                activity: vec![0.2, 0.5, 0.8],
+                entropy_bits: 0.8,
+                decorrelation: Some(0.1),
+                fan_in: vec![1, 2, 3],
+                fan_out: vec![3, 2, 1],
+                balance_fan_in: Some(fit(0.25, 0.5)),
+                balance_fan_out: Some(fit(-1.5, 0.75)),
+            }],
+            refreshes: 0,
+            wall_s: 1.0,
+            cpu_s: None,
+        }
+    }
+
+    /// Both balance fits reach the activity table, each under its own degree.
+    #[test]
+    fn the_activity_table_shows_the_fit_on_fan_in_and_on_fan_out() {
+        let runs: Vec<ConvRunResult> = (0..2)
+            .map(|s| run("bb_sp_out", Some(0.5), s, 0.9))
+            .collect();
+        let arms = summarise(&runs);
+        let mut w = String::new();
+        write_common_tables(&mut w, &arms, &[("acc", "accuracy (%)", 100.0)]).unwrap();
+        assert!(
+            w.contains(
+                "| fit on fan-in: slope | fit on fan-in: R^2 | fit on fan-out: slope | \
+                 fit on fan-out: R^2 |"
+            ),
+            "{w}"
+        );
+        assert!(
+            w.contains(
+                "| bb_sp_out-d0.5 | h | 0.800 ± 0.000 | 0.100 ± 0.000 | 0.250 ± 0.000 | \
+                 0.50 ± 0.00 | -1.500 ± 0.000 | 0.75 ± 0.00 |"
+            ),
+            "{w}"
+        );
+        // results written before the fan-out fit was kept still load
+        let mut v = serde_json::to_value(&arms[0]).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("balance_slope_out");
+        o.remove("balance_r2_out");
+        let old: ArmResults = serde_json::from_value(v).unwrap();
+        assert!(old.balance_slope_out.is_empty() && old.balance_r2_out.is_empty());
+    }
 }

@@ -448,7 +448,8 @@ fn the_experiment_runs_end_to_end_on_16_cubed_volumes() {
         "magnitude-d0.5",
         "PR-AUC",
         "entropy (bits)",
-        "balance slope",
+        "fit on fan-in: slope",
+        "fit on fan-out: R^2",
         "±",
     ] {
         assert!(rep.contains(s), "{s} in the report");
