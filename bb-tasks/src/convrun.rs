@@ -32,7 +32,7 @@ use crate::convkit::{engine, Ctx, ParamId, ParamStore, Tap};
 use crate::io::{safetensors_bytes, write_atomic, NamedTensor, TensorFile};
 use crate::measure::{balance_fit, binary_entropy_bits, decorrelation, BalanceFit};
 use crate::optim::Optimizer;
-use crate::stats::{mean_ci95, Interval};
+use crate::stats::{mean_ci95, Interval, Verdict};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bb_core::{Pruner, PrunerConfig, RefreshReport, Topology};
 use dfdx::prelude::Gradients;
@@ -978,6 +978,18 @@ pub fn paired_line(
     density: Option<f64>,
     scale: f64,
 ) -> Option<String> {
+    paired(arms, metric, a, b, density, scale).map(|(line, _)| line)
+}
+
+/// [`paired_line`] with its verdict.
+fn paired(
+    arms: &[ArmResults],
+    metric: &str,
+    a: &str,
+    b: &str,
+    density: Option<f64>,
+    scale: f64,
+) -> Option<(String, Verdict)> {
     let find = |m: &str| {
         arms.iter()
             .find(|x| x.method == m && (x.density == density || x.density.is_none()))
@@ -986,15 +998,65 @@ pub fn paired_line(
     let (vx, vy) = (x.metrics.get(metric)?, y.metrics.get(metric)?);
     let d = crate::stats::paired_differences(&vx.values, &vy.values).ok()?;
     let iv = mean_ci95(&d.diffs);
-    let word = crate::stats::Verdict::of(iv.as_ref()).word();
-    Some(format!(
-        "{} {} - {} = {} ({word}, {} seeds)",
+    let verdict = Verdict::of(iv.as_ref());
+    let line = format!(
+        "{} {} - {} = {} ({}, {} seeds)",
         metric,
         x.arm,
         y.arm,
         iv.map_or("-".into(), |iv| iv.fmt(scale, 2)),
+        verdict.word(),
         d.keys.len()
-    ))
+    );
+    Some((line, verdict))
+}
+
+/// The section of a report that pairs every BB arm (method starting with `bb`) with every
+/// baseline (the other methods, in the order first seen) at the arm's density, by seed, on
+/// each of `metrics`; an arm without a density (dense) is paired with every BB arm, and the
+/// heading names it when there is one. Ends with the verdict counts; `scope` (e.g. `"F1 and
+/// PR-AUC"`) says which metrics they cover when `metrics` is not every metric of the report.
+pub fn write_paired_section(
+    w: &mut String,
+    arms: &[ArmResults],
+    metrics: &[(&str, &str, f64)],
+    scope: Option<&str>,
+) -> Result<()> {
+    let mut baselines: Vec<&ArmResults> = Vec::new();
+    for a in arms.iter().filter(|a| !a.method.starts_with("bb")) {
+        if !baselines.iter().any(|b| b.method == a.method) {
+            baselines.push(a);
+        }
+    }
+    let dense = baselines.iter().any(|b| b.density.is_none());
+    writeln!(
+        w,
+        "## BB against each baseline at the same density{} (paired by seed)\n",
+        if dense { ", and against dense" } else { "" }
+    )?;
+    let mut verdicts = Vec::new();
+    for a in arms.iter().filter(|a| a.method.starts_with("bb")) {
+        for b in &baselines {
+            for (k, _, scale) in metrics {
+                if let Some((line, v)) = paired(arms, k, &a.method, &b.method, a.density, *scale) {
+                    writeln!(w, "- {line}")?;
+                    verdicts.push(v);
+                }
+            }
+        }
+    }
+    let count = |v: Verdict| verdicts.iter().filter(|&&x| x == v).count();
+    writeln!(
+        w,
+        "\nVerdict{}: over {} paired comparisons BB wins {}, ties {} and loses {} (a win or loss \
+         needs the whole 95 % interval of the difference on one side of zero).\n",
+        scope.map_or(String::new(), |s| format!(" ({s})")),
+        verdicts.len(),
+        count(Verdict::Win),
+        count(Verdict::Tie),
+        count(Verdict::Loss)
+    )?;
+    Ok(())
 }
 
 /// The shared tables of a report: task metrics, sparsity and activity per arm.
@@ -1286,5 +1348,83 @@ mod tests {
         o.remove("balance_r2_out");
         let old: ArmResults = serde_json::from_value(v).unwrap();
         assert!(old.balance_slope_out.is_empty() && old.balance_r2_out.is_empty());
+    }
+
+    fn arm(method: &str, density: Option<f64>, acc: [f64; 3], auc: [f64; 3]) -> ArmResults {
+        let series = |v: [f64; 3]| summary((0..3).map(|s| (s as u64, v[s])).collect());
+        ArmResults {
+            arm: density.map_or(method.to_string(), |d| format!("{method}-d{d}")),
+            method: method.to_string(),
+            density,
+            achieved_density: series([density.unwrap_or(1.0); 3]),
+            metrics: [("acc".into(), series(acc)), ("auc".into(), series(auc))].into(),
+            entropy_bits: BTreeMap::new(),
+            decorrelation: BTreeMap::new(),
+            balance_slope: BTreeMap::new(),
+            balance_r2: BTreeMap::new(),
+            balance_slope_out: BTreeMap::new(),
+            balance_r2_out: BTreeMap::new(),
+            wall_s: series([1.0; 3]),
+        }
+    }
+
+    /// The verdict sentence counts exactly the comparison lines above it, by verdict word.
+    #[test]
+    fn the_paired_verdict_counts_the_lines_it_follows() {
+        let dense_acc = [0.80, 0.81, 0.82];
+        let dense_auc = [0.90, 0.90, 0.90];
+        let arms = [
+            arm("dense", None, dense_acc, dense_auc),
+            // vs dense: acc win, auc tie; vs magnitude: acc tie, auc loss
+            arm(
+                "bb_sp_in",
+                Some(0.5),
+                [0.85, 0.87, 0.86],
+                [0.90, 0.91, 0.89],
+            ),
+            arm(
+                "magnitude",
+                Some(0.5),
+                [0.84, 0.87, 0.85],
+                [0.95, 0.97, 0.94],
+            ),
+            // vs dense only (no magnitude arm at 0.7): acc loss, auc tie
+            arm("bb_sp_in", Some(0.7), dense_acc.map(|x| x - 0.1), dense_auc),
+        ];
+        let metrics = [("acc", "accuracy (%)", 100.0), ("auc", "AUC (%)", 100.0)];
+        let mut w = String::new();
+        write_paired_section(&mut w, &arms, &metrics, Some("both metrics")).unwrap();
+        assert!(
+            w.starts_with(
+                "## BB against each baseline at the same density, and against dense (paired by \
+                 seed)\n\n"
+            ),
+            "{w}"
+        );
+        let lines: Vec<&str> = w.lines().filter(|l| l.starts_with("- ")).collect();
+        let words: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(" (").last().unwrap().split(',').next().unwrap())
+            .collect();
+        assert_eq!(
+            words,
+            ["win", "tie", "tie", "loss", "loss", "tie"],
+            "lines in arm, baseline, metric order:\n{w}"
+        );
+        let n = |word: &str| words.iter().filter(|&&x| x == word).count();
+        let sentence = format!(
+            "Verdict (both metrics): over {} paired comparisons BB wins {}, ties {} and loses {} ",
+            lines.len(),
+            n("win"),
+            n("tie"),
+            n("loss")
+        );
+        assert!(w.contains(&sentence), "{sentence}\nnot in\n{w}");
+
+        // without a dense arm the heading does not name one, and no scope is written
+        let mut w = String::new();
+        write_paired_section(&mut w, &arms[1..3], &metrics, None).unwrap();
+        assert!(w.starts_with("## BB against each baseline at the same density (paired by seed)\n"));
+        assert!(w.contains("\nVerdict: over 2 paired comparisons BB wins 0, ties 1 and loses 1 "));
     }
 }

@@ -1169,43 +1169,7 @@ pub fn report(
     )?;
     writeln!(w, "## Results (mean ± 95 % t-interval over seeds)\n")?;
     convrun::write_common_tables(&mut w, &arms, &METRICS)?;
-    writeln!(
-        w,
-        "## BB against each baseline at the same density, and against dense (paired by seed)\n"
-    )?;
-    let mut verdicts = Vec::new();
-    let mut baselines: Vec<String> = Vec::new();
-    for a in &arms {
-        if !a.method.starts_with("bb") && !baselines.contains(&a.method) {
-            baselines.push(a.method.clone());
-        }
-    }
-    for a in arms.iter().filter(|a| a.method.starts_with("bb")) {
-        for b in &baselines {
-            for (k, _, scale) in METRICS.iter().take(2) {
-                if let Some(line) = convrun::paired_line(&arms, k, &a.method, b, a.density, *scale)
-                {
-                    writeln!(w, "- {line}")?;
-                    verdicts.push(line);
-                }
-            }
-        }
-    }
-    let count = |word: &str| {
-        verdicts
-            .iter()
-            .filter(|l| l.contains(&format!("({word},")))
-            .count()
-    };
-    writeln!(
-        w,
-        "\nVerdict (F1 and PR-AUC): over {} paired comparisons BB wins {}, ties {} and loses {} \
-         (a win or loss needs the whole 95 % interval of the difference on one side of zero).\n",
-        verdicts.len(),
-        count("win"),
-        count("tie"),
-        count("loss")
-    )?;
+    convrun::write_paired_section(&mut w, &arms, &METRICS[..2], Some("F1 and PR-AUC"))?;
     writeln!(
         w,
         "## Sparsity: target vs achieved density per pruned layer (first seed)\n"

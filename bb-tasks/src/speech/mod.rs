@@ -630,46 +630,7 @@ pub fn report(cfg: &SpeechConfig, data: &SpeechData, runs: &[ConvRunResult]) -> 
     )?;
     writeln!(w, "## Results (mean ± 95 % t-interval over seeds)\n")?;
     convrun::write_common_tables(&mut w, &arms, &METRICS)?;
-    writeln!(
-        w,
-        "## BB against each baseline at the same density (paired by seed)\n"
-    )?;
-    let mut verdicts = Vec::new();
-    let baselines: Vec<String> = arms
-        .iter()
-        .map(|a| a.method.clone())
-        .filter(|m| !m.starts_with("bb"))
-        .fold(Vec::new(), |mut v, m| {
-            if !v.contains(&m) {
-                v.push(m);
-            }
-            v
-        });
-    for a in arms.iter().filter(|a| a.method.starts_with("bb")) {
-        for b in &baselines {
-            for (k, _, scale) in METRICS {
-                if let Some(line) = convrun::paired_line(&arms, k, &a.method, b, a.density, scale) {
-                    writeln!(w, "- {line}")?;
-                    verdicts.push(line);
-                }
-            }
-        }
-    }
-    let count = |word: &str| {
-        verdicts
-            .iter()
-            .filter(|l| l.contains(&format!("({word},")))
-            .count()
-    };
-    writeln!(
-        w,
-        "\nVerdict: over {} paired comparisons BB wins {}, ties {} and loses {} (a win or loss \
-         needs the whole 95 % interval of the difference on one side of zero).\n",
-        verdicts.len(),
-        count("win"),
-        count("tie"),
-        count("loss")
-    )?;
+    convrun::write_paired_section(&mut w, &arms, &METRICS, None)?;
     writeln!(
         w,
         "## Sparsity: target vs achieved density per pruned layer (first seed)\n"
