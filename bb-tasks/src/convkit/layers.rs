@@ -303,6 +303,25 @@ fn grid(dims: &[usize]) -> String {
         .join("x")
 }
 
+/// Adds the per-feature affine parameters of a normalization layer (batch-, group- or
+/// layer-norm): `<name>.weight` (ones) then `<name>.bias` (zeros), both of shape `[n]` and
+/// trainable. Returns their ids in that order.
+pub fn norm_affine(store: &mut ParamStore, name: &str, n: usize) -> Result<(ParamId, ParamId)> {
+    let weight = store.add(
+        &format!("{name}.weight"),
+        &[n],
+        vec![1.0; n],
+        ParamKind::Trainable,
+    )?;
+    let bias = store.add(
+        &format!("{name}.bias"),
+        &[n],
+        vec![0.0; n],
+        ParamKind::Trainable,
+    )?;
+    Ok((weight, bias))
+}
+
 /// Batch-norm over channels: batch statistics in training mode (folded into running
 /// averages by [`Ctx::apply_norm_updates`]), running statistics in evaluation mode.
 #[derive(Debug, Clone)]
@@ -325,21 +344,22 @@ impl BatchNorm {
     /// Adds `<name>.{weight,bias}` (1, 0) and `<name>.running_{mean,var}` (0, 1).
     pub fn new(store: &mut ParamStore, name: &str, channels: usize) -> Result<Self> {
         ensure!(channels > 0, "{name}: channels must be > 0");
-        let add = |s: &mut ParamStore, what: &str, v: f32, kind| {
+        let (gamma, beta) = norm_affine(store, name, channels)?;
+        let buffer = |s: &mut ParamStore, what: &str, v: f32| {
             s.add(
                 &format!("{name}.{what}"),
                 &[channels],
                 vec![v; channels],
-                kind,
+                ParamKind::Buffer,
             )
         };
         Ok(Self {
             name: name.to_string(),
             channels,
-            gamma: add(store, "weight", 1.0, ParamKind::Trainable)?,
-            beta: add(store, "bias", 0.0, ParamKind::Trainable)?,
-            mean: add(store, "running_mean", 0.0, ParamKind::Buffer)?,
-            var: add(store, "running_var", 1.0, ParamKind::Buffer)?,
+            gamma,
+            beta,
+            mean: buffer(store, "running_mean", 0.0)?,
+            var: buffer(store, "running_var", 1.0)?,
             eps: 1e-5,
             momentum: 0.1,
         })
@@ -399,18 +419,7 @@ impl GroupNorm {
             groups > 0 && channels > 0 && channels % groups == 0,
             "{name}: {channels} channels cannot be split into {groups} groups"
         );
-        let gamma = store.add(
-            &format!("{name}.weight"),
-            &[channels],
-            vec![1.0; channels],
-            ParamKind::Trainable,
-        )?;
-        let beta = store.add(
-            &format!("{name}.bias"),
-            &[channels],
-            vec![0.0; channels],
-            ParamKind::Trainable,
-        )?;
+        let (gamma, beta) = norm_affine(store, name, channels)?;
         Ok(Self {
             name: name.to_string(),
             channels,

@@ -14,7 +14,7 @@
 //! hidden unit's fan-in; SP-out on `ff2` sets its fan-out. All three populations are tapped
 //! (unit-major `[units, T, B]`) in training mode when the context records.
 
-use crate::convkit::layers::he_uniform;
+use crate::convkit::layers::{he_uniform, norm_affine};
 use crate::convkit::{Act, Ctx, ParamId, ParamKind, ParamStore, Tap};
 use anyhow::{ensure, Result};
 use bb_core::Topology;
@@ -189,18 +189,7 @@ pub struct Norm {
 impl Norm {
     /// Adds `<name>.weight` (1) and `<name>.bias` (0).
     pub fn new(store: &mut ParamStore, name: &str, dim: usize) -> Result<Self> {
-        let gamma = store.add(
-            &format!("{name}.weight"),
-            &[dim],
-            vec![1.0; dim],
-            ParamKind::Trainable,
-        )?;
-        let beta = store.add(
-            &format!("{name}.bias"),
-            &[dim],
-            vec![0.0; dim],
-            ParamKind::Trainable,
-        )?;
+        let (gamma, beta) = norm_affine(store, name, dim)?;
         Ok(Self {
             name: name.to_string(),
             gamma,
