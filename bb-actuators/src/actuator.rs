@@ -126,17 +126,17 @@ impl Actuator {
 /// and kept, so refreshes after the first allocate nothing.
 #[derive(Debug, Default, Clone)]
 pub struct ActuatorScratch {
-    keys: Vec<Vec<u64>>,
-    hists: Vec<Histogram>,
-    thresholds: Vec<u64>,
+    pub(crate) keys: Vec<Vec<u64>>,
+    pub(crate) hists: Vec<Histogram>,
+    pub(crate) thresholds: Vec<u64>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.
 const PARALLEL_MIN_EDGES: usize = 1 << 15;
 /// Columns gathered together by SP-out (one cache-friendly strip of each row).
-const COLUMN_BLOCK: usize = 64;
+pub(crate) const COLUMN_BLOCK: usize = 64;
 
-fn workers(edges: usize) -> usize {
+pub(crate) fn workers(edges: usize) -> usize {
     if edges < PARALLEL_MIN_EDGES {
         1
     } else {
@@ -205,7 +205,7 @@ fn rebuild_word(
     new
 }
 
-fn ensure_keys(scratch: &mut ActuatorScratch, n: usize, len: usize) {
+pub(crate) fn ensure_keys(scratch: &mut ActuatorScratch, n: usize, len: usize) {
     if scratch.keys.len() < n {
         scratch.keys.resize_with(n, Vec::new);
         scratch.hists.resize_with(n, Histogram::default);

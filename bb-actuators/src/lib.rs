@@ -11,8 +11,13 @@
 //! Scores are kernel-summed magnitudes `S[o,i] = sum |W[o,i,..]|`; dead edges are scored by
 //! the value they had when they died (the shadow store), so with regrowth a dead edge
 //! returns once the live ones shrink below it. Ties break toward the lower index, so masks
-//! are deterministic. Selection is O(n) per slab (`select_nth_unstable` on packed keys,
-//! never a sort), runs in parallel over slabs, and reuses caller-owned scratch.
+//! are deterministic. Selection is O(n) per slab (a radix select on packed keys, never a
+//! sort), runs in parallel over slabs, and reuses caller-owned scratch.
+//!
+//! Two ways to run a refresh, with identical results: the separate steps
+//! ([`edge_scores`] into a score buffer, [`apply_targets`], [`sync_weights`]) for policies
+//! that look at the scores themselves, and [`refresh_targets`], which does all three while
+//! each row is in cache and never materialises the scores (SP-in reads the weights once).
 //!
 //! bb-core builds the activity trackers, budget policies and the pruner on top of this.
 
@@ -20,6 +25,7 @@
 
 mod actuator;
 mod error;
+mod fused;
 mod mask;
 mod select;
 mod shape;
@@ -30,8 +36,10 @@ pub use actuator::{
     Side, SyncStats,
 };
 pub use error::ActuatorError;
+pub use fused::refresh_targets;
 pub use mask::BitMask;
 pub use select::{
-    key_of, select_top_k, threshold_key, threshold_key_with, Histogram, NOT_A_CANDIDATE,
+    key_of, select_top_k, threshold_key, threshold_key_preserving, threshold_key_with, Histogram,
+    NOT_A_CANDIDATE,
 };
 pub use shape::{edge_scores, EdgeShape};

@@ -38,13 +38,14 @@ pub fn threshold_key(keys: &mut [u64], k: usize) -> u64 {
 }
 
 /// Bucket counts of the radix select, kept between calls so that they are not cleared for
-/// every slab: every use leaves them all zero again.
+/// every slab: every use leaves them all zero again. Two sets of bins, so that consecutive
+/// keys can count into different memory and not wait on each other's increments.
 #[derive(Debug, Clone)]
-pub struct Histogram(Box<[u32; 1 << RADIX_BITS]>);
+pub struct Histogram(Box<[u32; 2 << RADIX_BITS]>);
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self(Box::new([0; 1 << RADIX_BITS]))
+        Self(Box::new([0; 2 << RADIX_BITS]))
     }
 }
 
@@ -57,27 +58,18 @@ pub fn threshold_key_with(keys: &mut [u64], k: usize, hist: &mut Histogram) -> u
     if k >= keys.len() {
         return 1;
     }
-    let hist = &mut *hist.0;
-    let (mut len, mut need) = (keys.len(), k);
     // Bit 63 is always zero (scores are non-negative), so the levels start at bit 62.
-    let mut top: u32 = 63;
+    select_below(keys, k, 63, hist)
+}
+
+/// The `need`-th largest of `keys` (`1 <= need <= keys.len()`), which all agree above bit
+/// `top`, at least 1.
+fn select_below(keys: &mut [u64], need: usize, top: u32, hist: &mut Histogram) -> u64 {
+    let hist = &mut *hist.0;
+    let (mut len, mut need, mut top) = (keys.len(), need, top);
     while len > SMALL_SLAB && top > 0 {
-        let shift = top.saturating_sub(RADIX_BITS);
-        let width = top - shift;
-        for &key in &keys[..len] {
-            hist[bucket_of(key, shift, width)] += 1;
-        }
-        let mut above = 0usize;
-        let mut bucket = 0;
-        for b in (0..1usize << width).rev() {
-            let h = hist[b] as usize;
-            if above + h >= need {
-                bucket = b;
-                break;
-            }
-            above += h;
-        }
-        need -= above;
+        let (shift, width) = digit(top);
+        let bucket = pick_bucket(&keys[..len], shift, width, &mut need, hist);
         // Branch-free compaction of the chosen bucket's keys to the front; the counts are
         // cleared on the way, leaving the histogram zero for the next level or call.
         let mut j = 0;
@@ -93,6 +85,138 @@ pub fn threshold_key_with(keys: &mut [u64], k: usize, hist: &mut Histogram) -> u
     }
     let (_, kth, _) = keys[..len].select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
     (*kth).max(1)
+}
+
+/// [`threshold_key_with`] that leaves `keys` as they are, using `tmp` (at least as long as
+/// `keys`) as scratch.
+///
+/// Made for slabs that are selected right after their keys are computed: the first digit
+/// spans only the range of the candidate keys (so the bins are spread over the values that
+/// occur rather than the whole exponent range), and the keys of the chosen bin are gathered
+/// with branch-free range tests. It is inlined into its caller, so that a caller compiled
+/// for wide vector units (see `multiversion!`) gets wide loops here too.
+#[inline(always)]
+pub fn threshold_key_preserving(
+    keys: &[u64],
+    k: usize,
+    hist: &mut Histogram,
+    tmp: &mut [u64],
+) -> u64 {
+    if k == 0 {
+        return u64::MAX;
+    }
+    if k >= keys.len() {
+        return 1;
+    }
+    let (lo, hi, candidates) = candidate_range(keys);
+    if k >= candidates {
+        return 1;
+    }
+    // The smallest shift that puts every candidate in the first BINS - 1 bins; the last bin
+    // takes the non-candidates.
+    let dummy = (1usize << RADIX_BITS) - 1;
+    let mut shift = 0;
+    while (hi >> shift) - (lo >> shift) >= dummy as u64 {
+        shift += 1;
+    }
+    let base = lo >> shift;
+    let top = ((hi >> shift) - base) as usize;
+    let bin = |key: u64| {
+        if key == 0 {
+            dummy
+        } else {
+            ((key >> shift) - base) as usize & dummy
+        }
+    };
+    let (h0, h1) = hist.0.split_at_mut(1 << RADIX_BITS);
+    let pairs = keys.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        h0[bin(*last)] += 1;
+    }
+    for p in pairs {
+        h0[bin(p[0])] += 1;
+        h1[bin(p[1])] += 1;
+    }
+    let (mut above, mut bucket) = (0usize, 0usize);
+    for b in (0..=top).rev() {
+        let c = (h0[b] + h1[b]) as usize;
+        if above + c >= k {
+            bucket = b;
+            break;
+        }
+        above += c;
+    }
+    for h in [h0, h1] {
+        h[..=top].fill(0);
+        h[dummy] = 0;
+    }
+    let need = k - above;
+    let blo = ((base + bucket as u64) << shift).max(1);
+    let bhi = ((base + bucket as u64) << shift) + ((1u64 << shift) - 1);
+    let n = gather_range(keys, blo, bhi, tmp);
+    // The bin's keys agree above bit `shift`.
+    select_below(&mut tmp[..n], need, shift, hist)
+}
+
+/// The smallest and largest candidate (non-zero) key and the number of candidates.
+#[inline(always)]
+fn candidate_range(keys: &[u64]) -> (u64, u64, usize) {
+    let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0usize);
+    for &key in keys {
+        let z = key == 0;
+        lo = lo.min(if z { u64::MAX } else { key });
+        hi = hi.max(key);
+        n += usize::from(!z);
+    }
+    (lo, hi, n)
+}
+
+/// Copies the keys in `lo..=hi` to the front of `out` (in order); returns how many.
+#[inline(always)]
+fn gather_range(keys: &[u64], lo: u64, hi: u64, out: &mut [u64]) -> usize {
+    let mut j = 0;
+    for (ci, chunk) in keys.chunks(64).enumerate() {
+        let mut bits = 0u64;
+        for (b, &key) in chunk.iter().enumerate() {
+            bits |= u64::from((key >= lo) & (key <= hi)) << b;
+        }
+        while bits != 0 {
+            let b = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            out[j] = keys[ci * 64 + b];
+            j += 1;
+        }
+    }
+    j
+}
+
+/// Shift and width of the radix digit just below bit `top`.
+#[inline(always)]
+fn digit(top: u32) -> (u32, u32) {
+    let shift = top.saturating_sub(RADIX_BITS);
+    (shift, top - shift)
+}
+
+/// Counts `keys` by digit into `hist` and returns the bucket holding the `need`-th largest
+/// key; `need` becomes its rank within that bucket. The counts are left for the caller to
+/// clear.
+#[inline(always)]
+fn pick_bucket(keys: &[u64], shift: u32, width: u32, need: &mut usize, hist: &mut [u32]) -> usize {
+    for &key in keys {
+        hist[bucket_of(key, shift, width)] += 1;
+    }
+    let mut above = 0usize;
+    let mut bucket = 0;
+    for b in (0..1usize << width).rev() {
+        let h = hist[b] as usize;
+        if above + h >= *need {
+            bucket = b;
+            break;
+        }
+        above += h;
+    }
+    *need -= above;
+    bucket
 }
 
 /// The `width`-bit digit of `key` starting at bit `shift` (always below `1 << RADIX_BITS`).

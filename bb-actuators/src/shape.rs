@@ -129,32 +129,47 @@ pub fn edge_scores(
             (!score_row(words, kl, wrow, hrow, srow)).then_some(o)
         })
         .min();
-    if let Some(o) = bad {
-        // Slow path: name the first bad value of the first bad row.
-        for c in 0..cols {
-            let e = o * cols + c;
-            let live = mask.get(o, c);
-            let (what, src) = if live {
-                ("weights", weights)
-            } else {
-                ("shadow", shadow)
+    match bad {
+        Some(o) => Err(first_non_finite(shape, weights, shadow, mask, o)),
+        None => Ok(()),
+    }
+}
+
+/// The error naming the first non-finite value (or non-finite kernel sum) of row `o`, whose
+/// scores are known to hold one: the weights of live edges, the shadow of dead ones.
+pub(crate) fn first_non_finite(
+    shape: &EdgeShape,
+    weights: &[f32],
+    shadow: &[f32],
+    mask: &BitMask,
+    o: usize,
+) -> ActuatorError {
+    let (cols, kl) = (shape.inp, shape.kernel_len());
+    for c in 0..cols {
+        let e = o * cols + c;
+        let (what, src) = if mask.get(o, c) {
+            ("weights", weights)
+        } else {
+            ("shadow", shadow)
+        };
+        let w = &src[e * kl..(e + 1) * kl];
+        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+            return ActuatorError::NonFinite {
+                what: what.into(),
+                index: e * kl + i,
             };
-            let w = &src[e * kl..(e + 1) * kl];
-            if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-                return Err(ActuatorError::NonFinite {
-                    what: what.into(),
-                    index: e * kl + i,
-                });
-            }
-            if !w.iter().map(|x| x.abs()).sum::<f32>().is_finite() {
-                return Err(ActuatorError::NonFinite {
-                    what: what.into(),
-                    index: e * kl,
-                });
-            }
+        }
+        if !w.iter().map(|x| x.abs()).sum::<f32>().is_finite() {
+            return ActuatorError::NonFinite {
+                what: what.into(),
+                index: e * kl,
+            };
         }
     }
-    Ok(())
+    ActuatorError::NonFinite {
+        what: "weights".into(),
+        index: o * cols * kl,
+    }
 }
 
 crate::multiversion! {

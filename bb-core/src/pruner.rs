@@ -4,8 +4,8 @@ use crate::policy::{LayerDecision, LayerPlan, LayerView, PolicyContext};
 use crate::tracker::EmaOnRate;
 use crate::{Activations, ActivityTracker, BbError, BudgetPolicy, Schedule, Topology};
 use bb_actuators::{
-    apply_targets, edge_scores, rescale_factors, sync_weights, zero_dead, Actuator,
-    ActuatorScratch, BitMask, EdgeShape, Rescale, Side,
+    edge_scores, refresh_targets, rescale_factors, sync_weights, zero_dead, Actuator,
+    ActuatorScratch, BitMask, EdgeShape, Rescale, Side, SyncStats,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -587,6 +587,7 @@ impl Pruner {
         scratch.old.resize_with(n, || BitMask::empty(0, 0));
         let pruned: Vec<usize> = (0..n).filter(|&l| layers[l].prune).collect();
         let want_grads = config.policy.needs_gradients();
+        let want_scores = config.policy.needs_scores();
         for &l in &pruned {
             let st = &layers[l];
             let name = names[l];
@@ -601,10 +602,12 @@ impl Pruner {
                     ),
                 ));
             }
-            let scores = &mut scratch.scores[l];
-            scores.resize(st.shape.edges(), 0.0);
-            edge_scores(&st.shape, weights[l], &st.shadow, &st.mask, scores)
-                .map_err(|e| BbError::from_actuator(name, e))?;
+            if want_scores {
+                let scores = &mut scratch.scores[l];
+                scores.resize(st.shape.edges(), 0.0);
+                edge_scores(&st.shape, weights[l], &st.shadow, &st.mask, scores)
+                    .map_err(|e| BbError::from_actuator(name, e))?;
+            }
             let side = st.actuator.side();
             let deg = &mut scratch.degrees[l];
             deg.resize(st.shape.slabs(side), 0);
@@ -654,7 +657,7 @@ impl Pruner {
                     population: pop_name,
                     activity: (populations[p].observations > 0)
                         .then_some(populations[p].rate.as_slice()),
-                    scores: &scratch.scores[l],
+                    scores: if want_scores { &scratch.scores[l] } else { &[] },
                     mask: &st.mask,
                     degrees: &scratch.degrees[l],
                     grads: (want_grads && grads.is_some()).then_some(scratch.grads[l].as_slice()),
@@ -688,30 +691,27 @@ impl Pruner {
         {
             let name = names[l];
             let st = &mut layers[l];
-            let old = &mut scratch.old[l];
-            old.clone_from(&st.mask);
-            let mut grow_from_zero = false;
-            match plan {
-                LayerPlan::Keep => {}
+            let stats = match plan {
+                LayerPlan::Keep => SyncStats::default(),
+                // Selection and weight moves in one pass per slab, scoring as it goes.
                 LayerPlan::Degrees {
                     side,
                     targets,
                     prune_only,
-                } => {
-                    apply_targets(
-                        side,
-                        &st.shape,
-                        &scratch.scores[l],
-                        &targets,
-                        st.actuator.regrow() && !prune_only,
-                        &mut st.mask,
-                        &mut scratch.actuator,
-                    )
-                    .map_err(|e| BbError::from_actuator(name, e))?;
-                }
+                } => refresh_targets(
+                    side,
+                    &st.shape,
+                    weights[l],
+                    &mut st.shadow,
+                    &targets,
+                    st.actuator.regrow() && !prune_only,
+                    &mut st.mask,
+                    &mut scratch.actuator,
+                )
+                .map_err(|e| BbError::from_actuator(name, e))?,
                 LayerPlan::Mask {
                     mask,
-                    grow_from_zero: g,
+                    grow_from_zero,
                 } => {
                     if mask.rows() != st.shape.out || mask.cols() != st.shape.inp {
                         return Err(BbError::layer(
@@ -719,19 +719,20 @@ impl Pruner {
                             "policy returned a mask of the wrong shape",
                         ));
                     }
+                    let old = &mut scratch.old[l];
+                    old.clone_from(&st.mask);
                     st.mask = mask;
-                    grow_from_zero = g;
+                    sync_weights(
+                        &st.shape,
+                        old,
+                        &st.mask,
+                        weights[l],
+                        &mut st.shadow,
+                        grow_from_zero,
+                    )
+                    .map_err(|e| BbError::from_actuator(name, e))?
                 }
-            }
-            let stats = sync_weights(
-                &st.shape,
-                old,
-                &st.mask,
-                weights[l],
-                &mut st.shadow,
-                grow_from_zero,
-            )
-            .map_err(|e| BbError::from_actuator(name, e))?;
+            };
             if let Some(scale) = st.scale.as_mut() {
                 rescale_factors(st.actuator.rescale(), &st.mask, scale);
             }

@@ -85,6 +85,10 @@ impl BudgetPolicy for Balance {
         check_k_min(self.k_min, name, shape, side)
     }
 
+    fn needs_scores(&self) -> bool {
+        false
+    }
+
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {
         let Some(density) = self.target_density else {
             let d0 = self.d0.unwrap_or(0.0);
@@ -314,6 +318,10 @@ impl BudgetPolicy for TrafficThreshold {
 
     fn validate_layer(&self, name: &str, shape: &EdgeShape, side: Side) -> Result<(), BbError> {
         check_k_min(self.k_min, name, shape, side)
+    }
+
+    fn needs_scores(&self) -> bool {
+        false
     }
 
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {

@@ -37,7 +37,8 @@ pub struct LayerView<'a> {
     pub population: &'a str,
     /// On-rates of the actuated units (`None` if that population was never observed).
     pub activity: Option<&'a [f64]>,
-    /// Edge scores `[out * in]`: kernel-summed `|W|` (dead edges: their stored value).
+    /// Edge scores `[out * in]`: kernel-summed `|W|` (dead edges: their stored value); empty
+    /// when the policy's [`BudgetPolicy::needs_scores`] is `false`.
     pub scores: &'a [f32],
     /// Current mask.
     pub mask: &'a BitMask,
@@ -151,6 +152,13 @@ pub trait BudgetPolicy: Debug + Send + Sync {
     /// Whether refreshes need dense gradients ([`crate::Pruner::needs_gradients`]).
     fn needs_gradients(&self) -> bool {
         false
+    }
+
+    /// Whether [`LayerView::scores`] is read. A policy that plans from activity and degrees
+    /// alone answers `false`, and its refreshes skip the score pass: the actuator then
+    /// scores each slab as it selects it, and `scores` is empty.
+    fn needs_scores(&self) -> bool {
+        true
     }
 
     /// Decides one plan per layer of `ctx.layers`, in order.

@@ -94,6 +94,10 @@ impl BudgetPolicy for TwoThreshold {
         check_density("policy.dens_rare", self.dens_rare)
     }
 
+    fn needs_scores(&self) -> bool {
+        false
+    }
+
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {
         ctx.layers
             .iter()
@@ -179,6 +183,10 @@ impl BudgetPolicy for QuantileInterpolation {
         check_k_min(self.k_min, name, shape, side)
     }
 
+    fn needs_scores(&self) -> bool {
+        false
+    }
+
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {
         ctx.layers
             .iter()
@@ -241,6 +249,10 @@ impl BudgetPolicy for InverseRate {
         check_k_min(self.k_min, name, shape, side)
     }
 
+    fn needs_scores(&self) -> bool {
+        false
+    }
+
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {
         ctx.layers
             .iter()
@@ -293,6 +305,10 @@ impl BudgetPolicy for ActivityOnly {
 
     fn validate_layer(&self, name: &str, shape: &EdgeShape, side: Side) -> Result<(), BbError> {
         check_k_min(self.k_min, name, shape, side)
+    }
+
+    fn needs_scores(&self) -> bool {
+        false
     }
 
     fn plan(&mut self, ctx: &mut PolicyContext<'_>) -> Result<Vec<LayerDecision>, BbError> {

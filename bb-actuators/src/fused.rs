@@ -1,0 +1,415 @@
+//! The whole degree-target refresh of one layer in as few passes over its weights as the
+//! side allows.
+//!
+//! [`refresh_targets`] does what [`crate::edge_scores`], [`crate::apply_targets`] and
+//! [`crate::sync_weights`] do in sequence, with the same result bit for bit, but without the
+//! `[out * in]` score buffer and its extra passes:
+//!
+//! * **rows (SP-in)**: each row is read once from memory. Its keys are computed straight
+//!   from the weights, the shadow store and the mask, its threshold is selected while the row
+//!   is still in cache, and its mask words and weights are rewritten on the spot;
+//! * **columns (SP-out)**: one pass gathers strips of columns and selects their thresholds,
+//!   a second pass rebuilds every row and moves its weights.
+
+use crate::actuator::{ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
+use crate::select::{key_of, threshold_key_preserving, threshold_key_with, Histogram};
+use crate::shape::{check_len, first_non_finite};
+use crate::{ActuatorError, BitMask, EdgeShape, Side};
+use rayon::prelude::*;
+
+/// Re-selects `mask` so that slab `j` on `side` keeps its `min(targets[j], D)` strongest
+/// candidates, and moves the weights of every edge that changed state: one that dies is
+/// saved to `shadow` and zeroed, one that returns gets its shadow value back.
+///
+/// The result equals [`crate::edge_scores`] followed by [`crate::apply_targets`] and
+/// [`crate::sync_weights`] (without growing from zero), bit for bit.
+///
+/// A non-finite score is an error naming the buffer and flat index of the first bad value.
+/// With columns nothing has changed when it is returned; with rows, every row holding a
+/// non-finite value is left exactly as it was and the other rows have been refreshed (each
+/// row's mask and weights stay consistent either way).
+#[allow(clippy::too_many_arguments)]
+pub fn refresh_targets(
+    side: Side,
+    shape: &EdgeShape,
+    weights: &mut [f32],
+    shadow: &mut [f32],
+    targets: &[u32],
+    regrow: bool,
+    mask: &mut BitMask,
+    scratch: &mut ActuatorScratch,
+) -> Result<SyncStats, ActuatorError> {
+    check_len("weights", shape.weight_len(), weights.len())?;
+    check_len("shadow", shape.weight_len(), shadow.len())?;
+    check_len("targets", shape.slabs(side), targets.len())?;
+    if mask.rows() != shape.out || mask.cols() != shape.inp {
+        return Err(ActuatorError::Shape(format!(
+            "mask is [{}, {}] but the layer is [{}, {}]",
+            mask.rows(),
+            mask.cols(),
+            shape.out,
+            shape.inp
+        )));
+    }
+    if shape.edges() == 0 {
+        return Ok(SyncStats::default());
+    }
+    let bad = match side {
+        Side::Rows => fused_rows(shape, weights, shadow, targets, regrow, mask, scratch),
+        Side::Columns => fused_columns(shape, weights, shadow, targets, regrow, mask, scratch),
+    };
+    bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, row))
+}
+
+/// The score of edge `c` of a row: kernel-summed `|value|` from the weights if live, from
+/// the shadow store if dead.
+#[inline(always)]
+fn score(kl: usize, live: bool, w: &[f32], h: &[f32], c: usize) -> f32 {
+    let src = if live { w } else { h };
+    if kl == 1 {
+        src[c].abs()
+    } else {
+        src[c * kl..(c + 1) * kl].iter().map(|x| x.abs()).sum()
+    }
+}
+
+/// The keys of up to 64 consecutive edges of a dense row (mask `word`, first index `lo`),
+/// as [`key_of`] of their score times whether they are candidates; returns whether every
+/// score is finite. Written with bit operations only, so that it vectorizes.
+#[inline(always)]
+fn keys_word(word: u64, w: &[f32], h: &[f32], lo: usize, regrow: bool, keys: &mut [u64]) -> bool {
+    let all = u64::from(regrow).wrapping_neg();
+    let mut bad = 0u32;
+    for (b, ((key, &x), &y)) in keys.iter_mut().zip(w).zip(h).enumerate() {
+        let live = ((word >> b) & 1).wrapping_neg();
+        let bits = (x.to_bits() & live as u32) | (y.to_bits() & !(live as u32));
+        bad |= u32::from(bits & 0x7f80_0000 == 0x7f80_0000);
+        // key_of(|v|, index): the magnitude's bits above the reversed index.
+        let k = (u64::from(bits & 0x7fff_ffff) << 32) | (u64::from(u32::MAX) - (lo + b) as u64);
+        *key = k & (live | all);
+    }
+    bad == 0
+}
+
+/// Moves the weights of one row's edges whose bits differ between `old` and `new` words.
+#[inline(always)]
+fn sync_row(old: &[u64], new: &[u64], kl: usize, w: &mut [f32], h: &mut [f32]) -> SyncStats {
+    let mut st = SyncStats::default();
+    for (wi, (&a, &b)) in old.iter().zip(new).enumerate() {
+        let mut diff = a ^ b;
+        while diff != 0 {
+            let bit = diff.trailing_zeros() as usize;
+            diff &= diff - 1;
+            let c = wi * 64 + bit;
+            let range = c * kl..(c + 1) * kl;
+            if (b >> bit) & 1 == 1 {
+                st.born += 1;
+                w[range.clone()].copy_from_slice(&h[range]);
+            } else {
+                st.died += 1;
+                h[range.clone()].copy_from_slice(&w[range.clone()]);
+                w[range].fill(0.0);
+            }
+        }
+    }
+    st
+}
+
+fn add(a: SyncStats, b: SyncStats) -> SyncStats {
+    SyncStats {
+        died: a.died + b.died,
+        born: a.born + b.born,
+    }
+}
+
+/// Rows: one fused pass. Returns the stats, or the first row with a non-finite score.
+fn fused_rows(
+    shape: &EdgeShape,
+    weights: &mut [f32],
+    shadow: &mut [f32],
+    targets: &[u32],
+    regrow: bool,
+    mask: &mut BitMask,
+    scratch: &mut ActuatorScratch,
+) -> Result<SyncStats, usize> {
+    let (cols, kl, wpr) = (shape.inp, shape.kernel_len(), mask.words_per_row());
+    let n = workers(shape.edges());
+    // Two key buffers per worker: the row's keys, and the selection's scratch.
+    ensure_keys(scratch, n, 2 * cols);
+    let rows_per = shape.out.div_ceil(n);
+    let rl = cols * kl;
+    let (stats, bad) = mask
+        .words_mut()
+        .par_chunks_mut(rows_per * wpr)
+        .zip(weights.par_chunks_mut(rows_per * rl))
+        .zip(shadow.par_chunks_mut(rows_per * rl))
+        .zip(
+            scratch.keys[..n]
+                .par_iter_mut()
+                .zip(scratch.hists[..n].par_iter_mut()),
+        )
+        .enumerate()
+        .map(|(b, (((words, w), h), (keys, hist)))| {
+            let (keys, tmp) = keys.split_at_mut(cols);
+            rows_fused_block(
+                cols,
+                kl,
+                targets,
+                regrow,
+                b * rows_per,
+                wpr,
+                words,
+                w,
+                h,
+                keys,
+                &mut tmp[..cols],
+                hist,
+            )
+        })
+        .reduce(
+            || (SyncStats::default(), None),
+            |a, b| (add(a.0, b.0), a.1.into_iter().chain(b.1).min()),
+        );
+    match bad {
+        Some(r) => Err(r),
+        None => Ok(stats),
+    }
+}
+
+crate::multiversion! {
+    /// Refreshes rows `r0..` (mask words `words`, weights `w`, shadow `h`); returns the stats
+    /// and the first row left alone for a non-finite score.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_fused_block(
+        cols: usize,
+        kl: usize,
+        targets: &[u32],
+        regrow: bool,
+        r0: usize,
+        wpr: usize,
+        words: &mut [u64],
+        w: &mut [f32],
+        h: &mut [f32],
+        keys: &mut [u64],
+        tmp: &mut [u64],
+        hist: &mut Histogram,
+    ) -> (SyncStats, Option<usize>) {
+        let mut st = SyncStats::default();
+        let mut bad = None;
+        let rl = cols * kl;
+        let mut new = [0u64; 64];
+        for (i, ((mw, wr), hr)) in words
+            .chunks_mut(wpr)
+            .zip(w.chunks_mut(rl))
+            .zip(h.chunks_mut(rl))
+            .enumerate()
+        {
+            let r = r0 + i;
+            let mut finite = true;
+            for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
+                let lo = wi * 64;
+                if kl == 1 {
+                    let (wc, hc) = (&wr[lo..lo + kc.len()], &hr[lo..lo + kc.len()]);
+                    finite &= keys_word(word, wc, hc, lo, regrow, kc);
+                } else {
+                    for (b, key) in kc.iter_mut().enumerate() {
+                        let live = (word >> b) & 1 == 1;
+                        let v = score(kl, live, wr, hr, lo + b);
+                        finite &= v.is_finite();
+                        *key = key_of(v, lo + b) * u64::from(regrow | live);
+                    }
+                }
+            }
+            if !finite {
+                bad.get_or_insert(r);
+                continue;
+            }
+            let thr = threshold_key_preserving(keys, targets[r] as usize, hist, tmp);
+            // Mask words are rebuilt in blocks of up to 64 words (4096 columns), each block
+            // synced against the old words before they are overwritten.
+            for (blk, (ow, kb)) in mw.chunks_mut(64).zip(keys.chunks(64 * 64)).enumerate() {
+                let nw = &mut new[..ow.len()];
+                for (x, kc) in nw.iter_mut().zip(kb.chunks(64)) {
+                    let mut bits = 0u64;
+                    for (b, &key) in kc.iter().enumerate() {
+                        bits |= u64::from(key >= thr) << b;
+                    }
+                    *x = bits;
+                }
+                let off = blk * 64 * 64 * kl;
+                st = add(st, sync_row(ow, nw, kl, &mut wr[off..], &mut hr[off..]));
+                ow.copy_from_slice(nw);
+            }
+        }
+        (st, bad)
+    }
+}
+
+/// Columns: thresholds from gathered strips, then every row rebuilt and synced.
+fn fused_columns(
+    shape: &EdgeShape,
+    weights: &mut [f32],
+    shadow: &mut [f32],
+    targets: &[u32],
+    regrow: bool,
+    mask: &mut BitMask,
+    scratch: &mut ActuatorScratch,
+) -> Result<SyncStats, usize> {
+    let (rows, cols, kl, wpr) = (
+        shape.out,
+        shape.inp,
+        shape.kernel_len(),
+        mask.words_per_row(),
+    );
+    let n = workers(shape.edges());
+    ensure_keys(scratch, n, COLUMN_BLOCK * rows);
+    scratch.thresholds.resize(cols, 0);
+    let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
+    // Pass 1: every column's threshold; nothing is written to the layer yet.
+    let bad = {
+        let (m, w, h): (&BitMask, &[f32], &[f32]) = (mask, weights, shadow);
+        scratch
+            .thresholds
+            .par_chunks_mut(cols_per)
+            .zip(
+                scratch.keys[..n]
+                    .par_iter_mut()
+                    .zip(scratch.hists[..n].par_iter_mut()),
+            )
+            .enumerate()
+            .map(|(b, (thr, (keys, hist)))| {
+                let c0 = b * cols_per;
+                let mut bad = None;
+                for (s, strip) in thr.chunks_mut(COLUMN_BLOCK).enumerate() {
+                    let s0 = c0 + s * COLUMN_BLOCK;
+                    if let Some(r) = gather_strip_fused(
+                        w,
+                        h,
+                        m.words(),
+                        (rows, cols, kl, wpr),
+                        s0,
+                        strip.len(),
+                        regrow,
+                        keys,
+                    ) {
+                        bad = Some(bad.map_or(r, |x: usize| x.min(r)));
+                        continue;
+                    }
+                    for (j, t) in strip.iter_mut().enumerate() {
+                        let k = targets[s0 + j] as usize;
+                        *t = threshold_key_with(&mut keys[j * rows..(j + 1) * rows], k, hist);
+                    }
+                }
+                bad
+            })
+            .reduce(|| None, |a, b| a.into_iter().chain(b).min())
+    };
+    if let Some(r) = bad {
+        return Err(r);
+    }
+    // Pass 2: rebuild and sync every row.
+    let thresholds = &scratch.thresholds;
+    let rows_per = 16;
+    let rl = cols * kl;
+    let stats = mask
+        .words_mut()
+        .par_chunks_mut(rows_per * wpr)
+        .zip(weights.par_chunks_mut(rows_per * rl))
+        .zip(shadow.par_chunks_mut(rows_per * rl))
+        .enumerate()
+        .map(|(b, ((words, w), h))| {
+            rebuild_rows_fused(cols, kl, wpr, b * rows_per, regrow, thresholds, words, w, h)
+        })
+        .reduce(SyncStats::default, add);
+    Ok(stats)
+}
+
+crate::multiversion! {
+    /// Keys of the `width` columns starting at `s0` (a multiple of 64), column-major into
+    /// `keys`; returns the first row with a non-finite score, if any.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_strip_fused(
+        w: &[f32],
+        h: &[f32],
+        words: &[u64],
+        dims: (usize, usize, usize, usize),
+        s0: usize,
+        width: usize,
+        regrow: bool,
+        keys: &mut [u64],
+    ) -> Option<usize> {
+        let (rows, cols, kl, wpr) = dims;
+        let rl = cols * kl;
+        for r in 0..rows {
+            let word = words[r * wpr + s0 / 64];
+            let (wr, hr) = (&w[r * rl..(r + 1) * rl], &h[r * rl..(r + 1) * rl]);
+            let mut finite = true;
+            if kl == 1 {
+                let (wc, hc) = (&wr[s0..s0 + width], &hr[s0..s0 + width]);
+                for j in 0..width {
+                    let live = (word >> j) & 1 == 1;
+                    let v = if live { wc[j] } else { hc[j] };
+                    finite &= v.is_finite();
+                    keys[j * rows + r] = key_of(v.abs(), r) * u64::from(regrow | live);
+                }
+            } else {
+                for j in 0..width {
+                    let live = (word >> j) & 1 == 1;
+                    let v = score(kl, live, wr, hr, s0 + j);
+                    finite &= v.is_finite();
+                    keys[j * rows + r] = key_of(v, r) * u64::from(regrow | live);
+                }
+            }
+            if !finite {
+                return Some(r);
+            }
+        }
+        None
+    }
+}
+
+crate::multiversion! {
+    /// Rebuilds rows `r0..` from per-column threshold keys and moves their weights.
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild_rows_fused(
+        cols: usize,
+        kl: usize,
+        wpr: usize,
+        r0: usize,
+        regrow: bool,
+        thresholds: &[u64],
+        words: &mut [u64],
+        w: &mut [f32],
+        h: &mut [f32],
+    ) -> SyncStats {
+        let mut st = SyncStats::default();
+        let rl = cols * kl;
+        for (i, ((mw, wr), hr)) in words
+            .chunks_mut(wpr)
+            .zip(w.chunks_mut(rl))
+            .zip(h.chunks_mut(rl))
+            .enumerate()
+        {
+            let r = r0 + i;
+            for (wi, ow) in mw.iter_mut().enumerate() {
+                let lo = wi * 64;
+                let hi = (lo + 64).min(cols);
+                let old = *ow;
+                let mut bits = 0u64;
+                for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
+                    let live = (old >> b) & 1 == 1;
+                    let key =
+                        key_of(score(kl, live, wr, hr, lo + b), r) * u64::from(regrow | live);
+                    bits |= u64::from(key >= thr) << b;
+                }
+                let off = lo * kl;
+                st = add(
+                    st,
+                    sync_row(&[old], &[bits], kl, &mut wr[off..], &mut hr[off..]),
+                );
+                *ow = bits;
+            }
+        }
+        st
+    }
+}

@@ -1,0 +1,201 @@
+//! The fused refresh (`refresh_targets`) against the three separate steps it replaces
+//! (`edge_scores`, `apply_targets`, `sync_weights`): same mask, same weights and shadow bit for
+//! bit, same counts; and what it does with non-finite values.
+
+mod common;
+
+use bb_actuators::{
+    apply_targets, edge_scores, refresh_targets, sync_weights, ActuatorError, ActuatorScratch,
+    BitMask, EdgeShape, Side, SyncStats,
+};
+use common::*;
+use proptest::prelude::*;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A layer mid-training: live weights, dead weights exactly zero, a shadow holding values
+/// for dead edges (and stale values for live ones).
+struct Layer {
+    shape: EdgeShape,
+    mask: BitMask,
+    w: Vec<f32>,
+    h: Vec<f32>,
+}
+
+fn value(r: &mut ChaCha8Rng, mode: u8) -> f32 {
+    match mode {
+        0 => r.gen_range(-1.0f32..1.0),
+        1 => r.gen_range(-3i32..=3) as f32 * 0.25,
+        2 => {
+            if r.gen_bool(0.5) {
+                0.0
+            } else {
+                r.gen_range(1e-30f32..1e30) * if r.gen_bool(0.5) { -1.0 } else { 1.0 }
+            }
+        }
+        _ => 1.0 + r.gen_range(0u32..3) as f32 * f32::EPSILON,
+    }
+}
+
+fn layer(r: &mut ChaCha8Rng, out: usize, inp: usize, kernel: &[usize], mode: u8) -> Layer {
+    let shape = EdgeShape::conv(out, inp, kernel);
+    let kl = shape.kernel_len();
+    let p = r.gen_range(0.0..1.0);
+    let mut mask = BitMask::empty(out, inp);
+    let (mut w, mut h) = (vec![0.0; shape.weight_len()], vec![0.0; shape.weight_len()]);
+    for o in 0..out {
+        for i in 0..inp {
+            let live = r.gen_bool(p);
+            mask.set(o, i, live);
+            for t in 0..kl {
+                let e = (o * inp + i) * kl + t;
+                h[e] = value(r, mode);
+                if live {
+                    w[e] = value(r, mode);
+                }
+            }
+        }
+    }
+    Layer { shape, mask, w, h }
+}
+
+fn separate(l: &Layer, side: Side, targets: &[u32], regrow: bool) -> (Layer, SyncStats) {
+    let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
+    let mut scores = vec![0.0; l.shape.edges()];
+    edge_scores(&l.shape, &w, &h, &mask, &mut scores).unwrap();
+    let old = mask.clone();
+    let mut scratch = ActuatorScratch::default();
+    apply_targets(
+        side,
+        &l.shape,
+        &scores,
+        targets,
+        regrow,
+        &mut mask,
+        &mut scratch,
+    )
+    .unwrap();
+    let st = sync_weights(&l.shape, &old, &mask, &mut w, &mut h, false).unwrap();
+    let shape = l.shape.clone();
+    (Layer { shape, mask, w, h }, st)
+}
+
+fn fused(
+    l: &Layer,
+    side: Side,
+    targets: &[u32],
+    regrow: bool,
+) -> (Layer, Result<SyncStats, ActuatorError>) {
+    let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
+    let mut scratch = ActuatorScratch::default();
+    let st = refresh_targets(
+        side,
+        &l.shape,
+        &mut w,
+        &mut h,
+        targets,
+        regrow,
+        &mut mask,
+        &mut scratch,
+    );
+    let shape = l.shape.clone();
+    (Layer { shape, mask, w, h }, st)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn fused_refresh_equals_the_three_steps(
+        out in 1usize..24,
+        inp in 1usize..700,
+        conv in any::<bool>(),
+        rows in any::<bool>(),
+        regrow in any::<bool>(),
+        mode in 0u8..4,
+        seed in any::<u64>(),
+    ) {
+        let mut r = rng(seed);
+        let kernel: &[usize] = if conv { &[3, 2] } else { &[] };
+        let l = layer(&mut r, out, inp, kernel, mode);
+        let side = if rows { Side::Rows } else { Side::Columns };
+        let d = l.shape.slab_len(side) as u32;
+        let targets: Vec<u32> = (0..l.shape.slabs(side)).map(|_| r.gen_range(0..=d + 1)).collect();
+        let (a, sa) = separate(&l, side, &targets, regrow);
+        let (b, sb) = fused(&l, side, &targets, regrow);
+        prop_assert_eq!(sb.unwrap(), sa);
+        prop_assert!(a.mask == b.mask, "masks differ");
+        prop_assert_eq!(bits(&a.w), bits(&b.w));
+        prop_assert_eq!(bits(&a.h), bits(&b.h));
+    }
+}
+
+/// Rows long enough for the radix path, on the parallel path (more than 2^15 edges), with
+/// every value mode: the same as the separate steps.
+#[test]
+fn long_rows_and_columns_equal_the_three_steps() {
+    for (mode, regrow) in [(0, true), (1, true), (2, false), (3, true), (0, false)] {
+        let mut r = rng(40 + mode as u64);
+        let l = layer(&mut r, 24, 3000, &[], mode);
+        for side in [Side::Rows, Side::Columns] {
+            let d = l.shape.slab_len(side) as u32;
+            let targets: Vec<u32> = (0..l.shape.slabs(side))
+                .map(|_| r.gen_range(0..=d))
+                .collect();
+            let (a, sa) = separate(&l, side, &targets, regrow);
+            let (b, sb) = fused(&l, side, &targets, regrow);
+            assert_eq!(sb.unwrap(), sa, "mode {mode} {side:?}");
+            assert!(a.mask == b.mask, "mode {mode} {side:?}");
+            assert_eq!(bits(&a.w), bits(&b.w), "mode {mode} {side:?}");
+            assert_eq!(bits(&a.h), bits(&b.h), "mode {mode} {side:?}");
+        }
+    }
+}
+
+/// A non-finite value is named. Columns: nothing changes. Rows: the bad row is left as it
+/// was, the others are refreshed as usual.
+#[test]
+fn non_finite_values_are_named_and_bad_rows_left_alone() {
+    let mut r = rng(7);
+    let mut l = layer(&mut r, 6, 200, &[], 0);
+    // A live weight of row 3 becomes NaN.
+    let c = (0..200).find(|&c| l.mask.get(3, c)).unwrap();
+    l.w[3 * 200 + c] = f32::NAN;
+    let targets = vec![50u32; 6];
+    let (b, st) = fused(&l, Side::Rows, &targets, true);
+    assert_eq!(
+        st.unwrap_err(),
+        ActuatorError::NonFinite {
+            what: "weights".into(),
+            index: 3 * 200 + c
+        }
+    );
+    assert_eq!(b.mask.row_words(3), l.mask.row_words(3));
+    assert_eq!(bits(&b.w[600..800]), bits(&l.w[600..800]));
+    assert_eq!(bits(&b.h[600..800]), bits(&l.h[600..800]));
+    for o in [0, 1, 2, 4, 5] {
+        assert_eq!(b.mask.row_count(o), 50, "row {o} was refreshed");
+    }
+    let targets = vec![3u32; 200];
+    let (b, st) = fused(&l, Side::Columns, &targets, true);
+    assert!(matches!(st, Err(ActuatorError::NonFinite { index, .. }) if index == 3 * 200 + c));
+    assert!(b.mask == l.mask);
+    assert_eq!(bits(&b.w), bits(&l.w));
+    assert_eq!(bits(&b.h), bits(&l.h));
+    // A dead edge's stored value is checked too, and named as the shadow.
+    let mut l = layer(&mut r, 4, 100, &[], 0);
+    let c = (0..100).find(|&c| !l.mask.get(1, c)).unwrap();
+    l.h[100 + c] = f32::INFINITY;
+    let (_, st) = fused(&l, Side::Rows, &[10; 4], true);
+    assert_eq!(
+        st.unwrap_err(),
+        ActuatorError::NonFinite {
+            what: "shadow".into(),
+            index: 100 + c
+        }
+    );
+}
