@@ -223,70 +223,132 @@ impl CsrLayer {
     }
 }
 
+/// Rows `o0..` of `yt` (one `batch`-long slice per row).
+fn csr_block(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
+    if batch == 1 {
+        csr_single(layer, o0, xt, block);
+    } else {
+        csr_tiled(layer, o0, xt, batch, block);
+    }
+}
+
+fn bias_of(layer: &CsrLayer, o: usize) -> f32 {
+    layer.bias.as_ref().map_or(0.0, |v| v[o])
+}
+
 bb_actuators::multiversion! {
-    /// Rows `o0..` of `yt` (one `batch`-long slice per row).
-    fn csr_block(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
-        for (r, acc) in block.chunks_mut(batch).enumerate() {
+    /// Rows `o0..` for a single input vector.
+    fn csr_single(layer: &CsrLayer, o0: usize, x: &[f32], block: &mut [f32]) {
+        for (r, acc) in block.iter_mut().enumerate() {
             let o = o0 + r;
             let (a, b) = (layer.row_ptr[o] as usize, layer.row_ptr[o + 1] as usize);
-            let bias = layer.bias.as_ref().map_or(0.0, |v| v[o]);
-            match &layer.cols {
-                Columns::U16(c) => row_dot(&c[a..b], &layer.vals[a..b], xt, batch, bias, acc),
-                Columns::U32(c) => row_dot(&c[a..b], &layer.vals[a..b], xt, batch, bias, acc),
+            *acc = match &layer.cols {
+                Columns::U16(c) => row_dot1(&c[a..b], &layer.vals[a..b], x),
+                Columns::U32(c) => row_dot1(&c[a..b], &layer.vals[a..b], x),
+            } + bias_of(layer, o);
+        }
+    }
+}
+
+bb_actuators::multiversion! {
+    /// Rows `o0..` for a batch (`xt` is `[in, batch]`).
+    ///
+    /// Column blocks: every row of the task adds the products of its live weights in one
+    /// block of inputs before the next block is touched, so that block of the input stays
+    /// in the nearest cache while the rows reuse it.
+    fn csr_tiled(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
+        let rows = block.len() / batch;
+        let kb = column_block(layer, batch);
+        let mut cur = [0usize; ROWS_PER_TASK];
+        for (r, acc) in block.chunks_mut(batch).enumerate() {
+            acc.fill(bias_of(layer, o0 + r));
+            cur[r] = layer.row_ptr[o0 + r] as usize;
+        }
+        let mut c_end = 0;
+        while c_end < layer.inp {
+            c_end = (c_end + kb).min(layer.inp);
+            for (r, acc) in block.chunks_mut(batch).enumerate().take(rows) {
+                let (a, b) = (cur[r], layer.row_ptr[o0 + r + 1] as usize);
+                cur[r] = match &layer.cols {
+                    Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], c_end, xt, batch, acc),
+                    Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], c_end, xt, batch, acc),
+                } + a;
             }
         }
     }
 }
 
-/// One output row: `acc[b] = bias + sum_k vals[k] * xt[cols[k] * batch + b]`.
+/// Inputs per column block: all of them while the transposed input fits in a core's
+/// mid-level cache; otherwise about 32 KiB of it, with at least about 16 live weights per
+/// row and block on average.
+fn column_block(layer: &CsrLayer, batch: usize) -> usize {
+    if layer.inp * batch * 4 <= 512 * 1024 {
+        return layer.inp.max(1);
+    }
+    let by_cache = (32 * 1024 / 4) / batch.max(1);
+    let density = layer.nnz() as f64 / (layer.out * layer.inp).max(1) as f64;
+    let by_work = (16.0 / density.max(1e-6)).ceil() as usize;
+    by_cache.max(by_work).clamp(16, layer.inp.max(16))
+}
+
+/// One output row with a single input: `sum_k vals[k] * x[cols[k]]`.
 #[inline(always)]
-fn row_dot<C: Copy + Into<u32>>(
+fn row_dot1<C: Copy + Into<u32>>(cols: &[C], vals: &[f32], xt: &[f32]) -> f32 {
+    // Four independent sums keep the FMA pipes busy.
+    let mut s = [0.0f32; 4];
+    let (cq, cr) = cols.split_at(cols.len() / 4 * 4);
+    let (vq, vr) = vals.split_at(cq.len());
+    for (c4, v4) in cq.chunks_exact(4).zip(vq.chunks_exact(4)) {
+        for l in 0..4 {
+            s[l] += v4[l] * xt[c4[l].into() as usize];
+        }
+    }
+    let mut t = (s[0] + s[1]) + (s[2] + s[3]);
+    for (&c, &v) in cr.iter().zip(vr) {
+        t += v * xt[c.into() as usize];
+    }
+    t
+}
+
+/// Adds `vals[k] * xt[cols[k] * batch + b]` to `acc[b]` for the leading live weights of a row
+/// whose columns are below `c_end`; returns how many that was.
+#[inline(always)]
+fn row_tiles<C: Copy + Into<u32>>(
     cols: &[C],
     vals: &[f32],
+    c_end: usize,
     xt: &[f32],
     batch: usize,
-    bias: f32,
     acc: &mut [f32],
-) {
-    if batch == 1 {
-        // Four independent sums keep the FMA pipes busy.
-        let mut s = [0.0f32; 4];
-        let (cq, cr) = cols.split_at(cols.len() / 4 * 4);
-        let (vq, vr) = vals.split_at(cq.len());
-        for (c4, v4) in cq.chunks_exact(4).zip(vq.chunks_exact(4)) {
-            for l in 0..4 {
-                s[l] += v4[l] * xt[c4[l].into() as usize];
-            }
-        }
-        let mut t = (s[0] + s[1]) + (s[2] + s[3]);
-        for (&c, &v) in cr.iter().zip(vr) {
-            t += v * xt[c.into() as usize];
-        }
-        acc[0] = t + bias;
-        return;
+) -> usize {
+    let n = cols.partition_point(|&c| (c.into() as usize) < c_end);
+    let (cols, vals) = (&cols[..n], &vals[..n]);
+    if n == 0 {
+        return 0;
     }
     // Batch tiles of fixed width keep the accumulators in registers.
     let mut b0 = 0;
     while batch - b0 >= 64 {
-        tile::<C, 64>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+        tile::<C, 64>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 64]);
         b0 += 64;
     }
     while batch - b0 >= 32 {
-        tile::<C, 32>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+        tile::<C, 32>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 32]);
         b0 += 32;
     }
     while batch - b0 >= 16 {
-        tile::<C, 16>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+        tile::<C, 16>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 16]);
         b0 += 16;
     }
     while batch - b0 >= 4 {
-        tile::<C, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+        tile::<C, 4>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 4]);
         b0 += 4;
     }
     while b0 < batch {
-        tile::<C, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+        tile::<C, 1>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 1]);
         b0 += 1;
     }
+    n
 }
 
 #[inline(always)]
@@ -296,10 +358,9 @@ fn tile<C: Copy + Into<u32>, const T: usize>(
     xt: &[f32],
     batch: usize,
     b0: usize,
-    bias: f32,
     out: &mut [f32],
 ) {
-    let mut acc = [bias; T];
+    let mut acc: [f32; T] = out.try_into().expect("tile width");
     for (&c, &v) in cols.iter().zip(vals) {
         let x: &[f32; T] = xt[c.into() as usize * batch + b0..][..T]
             .try_into()

@@ -27,7 +27,15 @@ fn naive(w: &[f32], m: &BitMask, s: &[f32], b: &[f32], x: &[f32], batch: usize) 
 #[test]
 fn csr_forward_matches_masked_dense() {
     let mut r = rng(5);
-    for (out, inp, density) in [(7, 9, 0.5), (130, 70, 0.1), (300, 600, 0.3), (64, 1, 1.0)] {
+    // The last two are wide enough for the column-blocked path at batch 128.
+    for (out, inp, density) in [
+        (7, 9, 0.5),
+        (130, 70, 0.1),
+        (300, 600, 0.3),
+        (64, 1, 1.0),
+        (70, 1500, 0.3),
+        (20, 3000, 0.02),
+    ] {
         let w = random_weights(&mut r, out * inp, false);
         let mut m = BitMask::empty(out, inp);
         for o in 0..out {
