@@ -492,11 +492,11 @@ crate::multiversion! {
                 }
                 let seg = &mut row[lo * kl..(lo + n) * kl];
                 if kl == 1 {
-                    // Branch-free select: vectorizes.
+                    // Clearing the bits of dead values (to +0.0) with a mask built from the
+                    // word: plain bit operations, so it vectorizes.
                     for (b, x) in seg.iter_mut().enumerate() {
-                        if (w >> b) & 1 == 0 {
-                            *x = 0.0;
-                        }
+                        let keep = (((w >> b) & 1) as u32).wrapping_neg();
+                        *x = f32::from_bits(x.to_bits() & keep);
                     }
                 } else {
                     let mut d = dead;
