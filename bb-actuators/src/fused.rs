@@ -12,7 +12,7 @@
 //!   a second pass rebuilds every row and moves its weights.
 
 use crate::actuator::{ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
-use crate::select::{key_of, threshold_key_preserving, threshold_key_with, Histogram};
+use crate::select::{key_of, threshold_key_preserving, Histogram};
 use crate::shape::{check_len, first_non_finite};
 use crate::{ActuatorError, BitMask, EdgeShape, Side};
 use rayon::prelude::*;
@@ -262,7 +262,8 @@ fn fused_columns(
         mask.words_per_row(),
     );
     let n = workers(shape.edges());
-    ensure_keys(scratch, n, COLUMN_BLOCK * rows);
+    // A strip's keys, and the selection's scratch.
+    ensure_keys(scratch, n, (COLUMN_BLOCK + 1) * rows);
     scratch.thresholds.resize(cols, 0);
     let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
     // Pass 1: every column's threshold; nothing is written to the layer yet.
@@ -295,10 +296,8 @@ fn fused_columns(
                         bad = Some(bad.map_or(r, |x: usize| x.min(r)));
                         continue;
                     }
-                    for (j, t) in strip.iter_mut().enumerate() {
-                        let k = targets[s0 + j] as usize;
-                        *t = threshold_key_with(&mut keys[j * rows..(j + 1) * rows], k, hist);
-                    }
+                    let (keys, tmp) = keys.split_at_mut(COLUMN_BLOCK * rows);
+                    strip_thresholds(keys, rows, &targets[s0..s0 + strip.len()], hist, tmp, strip);
                 }
                 bad
             })
@@ -325,6 +324,15 @@ fn fused_columns(
 }
 
 crate::multiversion! {
+    /// The threshold key of each column of a gathered strip (`rows` keys per column).
+    fn strip_thresholds(keys: &[u64], rows: usize, targets: &[u32], hist: &mut Histogram, tmp: &mut [u64], out: &mut [u64]) {
+        for (j, (t, &k)) in out.iter_mut().zip(targets).enumerate() {
+            *t = threshold_key_preserving(&keys[j * rows..(j + 1) * rows], k as usize, hist, tmp);
+        }
+    }
+}
+
+crate::multiversion! {
     /// Keys of the `width` columns starting at `s0` (a multiple of 64), column-major into
     /// `keys`; returns the first row with a non-finite score, if any.
     #[allow(clippy::too_many_arguments)]
@@ -340,6 +348,42 @@ crate::multiversion! {
     ) -> Option<usize> {
         let (rows, cols, kl, wpr) = dims;
         let rl = cols * kl;
+        if kl == 1 {
+            // Blocks of rows: each row's keys are built in one vector loop into a small tile,
+            // then written column by column, a run of consecutive keys per column.
+            const TR: usize = 16;
+            let mut tile = [[0u64; 64]; TR];
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = TR.min(rows - r0);
+                let mut bad = None;
+                for (i, t) in tile.iter_mut().enumerate().take(n) {
+                    let r = r0 + i;
+                    let word = words[r * wpr + s0 / 64];
+                    let (wc, hc) = (&w[r * rl + s0..r * rl + s0 + width], &h[r * rl + s0..r * rl + s0 + width]);
+                    if !keys_word(word, wc, hc, 0, regrow, &mut t[..width]) {
+                        bad.get_or_insert(r);
+                    }
+                    // keys_word numbers the entries by column; a column's keys are numbered
+                    // by row.
+                    let idx = u64::from(u32::MAX) - r as u64;
+                    for k in &mut t[..width] {
+                        *k = (*k & !u64::from(u32::MAX)) | (idx * u64::from(*k != 0));
+                    }
+                }
+                if bad.is_some() {
+                    return bad;
+                }
+                for j in 0..width {
+                    let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = tile[i][j];
+                    }
+                }
+                r0 += n;
+            }
+            return None;
+        }
         for r in 0..rows {
             let word = words[r * wpr + s0 / 64];
             let (wr, hr) = (&w[r * rl..(r + 1) * rl], &h[r * rl..(r + 1) * rl]);
@@ -391,11 +435,25 @@ crate::multiversion! {
             .enumerate()
         {
             let r = r0 + i;
+            let idx = u64::from(u32::MAX) - r as u64;
+            let mut kw = [0u64; 64];
             for (wi, ow) in mw.iter_mut().enumerate() {
                 let lo = wi * 64;
                 let hi = (lo + 64).min(cols);
                 let old = *ow;
                 let mut bits = 0u64;
+                if kl == 1 {
+                    let kw = &mut kw[..hi - lo];
+                    keys_word(old, &wr[lo..hi], &hr[lo..hi], 0, regrow, kw);
+                    for (b, (&k, &thr)) in kw.iter().zip(&thresholds[lo..hi]).enumerate() {
+                        // The key as a column numbers it: by row.
+                        let key = (k & !u64::from(u32::MAX)) | (idx * u64::from(k != 0));
+                        bits |= u64::from(key >= thr) << b;
+                    }
+                    st = add(st, sync_row(&[old], &[bits], kl, &mut wr[lo..], &mut hr[lo..]));
+                    *ow = bits;
+                    continue;
+                }
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
                     let live = (old >> b) & 1 == 1;
                     let key =

@@ -121,21 +121,20 @@ pub fn threshold_key_preserving(
     }
     let base = lo >> shift;
     let top = ((hi >> shift) - base) as usize;
-    let bin = |key: u64| {
-        if key == 0 {
-            dummy
-        } else {
-            ((key >> shift) - base) as usize & dummy
-        }
-    };
+    // The bins first, in a loop of plain vector operations, then the counting alone.
+    let bins = &mut tmp[..keys.len()];
+    for (b, &key) in bins.iter_mut().zip(keys) {
+        let d = (key >> shift).wrapping_sub(base) & dummy as u64;
+        *b = if key == 0 { dummy as u64 } else { d };
+    }
     let (h0, h1) = hist.0.split_at_mut(1 << RADIX_BITS);
-    let pairs = keys.chunks_exact(2);
+    let pairs = bins.chunks_exact(2);
     if let [last] = pairs.remainder() {
-        h0[bin(*last)] += 1;
+        h0[*last as usize & dummy] += 1;
     }
     for p in pairs {
-        h0[bin(p[0])] += 1;
-        h1[bin(p[1])] += 1;
+        h0[p[0] as usize & dummy] += 1;
+        h1[p[1] as usize & dummy] += 1;
     }
     let (mut above, mut bucket) = (0usize, 0usize);
     for b in (0..=top).rev() {
