@@ -153,6 +153,12 @@ pub fn threshold_key_preserving(
     let blo = ((base + bucket as u64) << shift).max(1);
     let bhi = ((base + bucket as u64) << shift) + ((1u64 << shift) - 1);
     let n = gather_range(keys, blo, bhi, tmp);
+    // A bin of equal scores (typically exact zeros): its keys, gathered in index order, are
+    // already in descending key order.
+    let score = tmp[0] >> 32;
+    if tmp[..n].iter().fold(0, |d, &key| d | ((key >> 32) ^ score)) == 0 {
+        return tmp[need - 1].max(1);
+    }
     // The bin's keys agree above bit `shift`.
     select_below(&mut tmp[..n], need, shift, hist)
 }

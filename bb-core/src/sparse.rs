@@ -227,6 +227,8 @@ impl CsrLayer {
 fn csr_block(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
     if batch == 1 {
         csr_single(layer, o0, xt, block);
+    } else if column_block(layer, batch) >= layer.inp {
+        csr_rows(layer, o0, xt, batch, block);
     } else {
         csr_tiled(layer, o0, xt, batch, block);
     }
@@ -251,6 +253,21 @@ bb_actuators::multiversion! {
 }
 
 bb_actuators::multiversion! {
+    /// Rows `o0..` for a batch whose transposed input fits in cache, one row at a time.
+    fn csr_rows(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
+        for (r, acc) in block.chunks_mut(batch).enumerate() {
+            let o = o0 + r;
+            let (a, b) = (layer.row_ptr[o] as usize, layer.row_ptr[o + 1] as usize);
+            let bias = Some(bias_of(layer, o));
+            match &layer.cols {
+                Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
+                Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
+            };
+        }
+    }
+}
+
+bb_actuators::multiversion! {
     /// Rows `o0..` for a batch (`xt` is `[in, batch]`).
     ///
     /// Column blocks: every row of the task adds the products of its live weights in one
@@ -270,8 +287,8 @@ bb_actuators::multiversion! {
             for (r, acc) in block.chunks_mut(batch).enumerate().take(rows) {
                 let (a, b) = (cur[r], layer.row_ptr[o0 + r + 1] as usize);
                 cur[r] = match &layer.cols {
-                    Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], c_end, xt, batch, acc),
-                    Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], c_end, xt, batch, acc),
+                    Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], Some(c_end), None, xt, batch, acc),
+                    Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], Some(c_end), None, xt, batch, acc),
                 } + a;
             }
         }
@@ -311,41 +328,45 @@ fn row_dot1<C: Copy + Into<u32>>(cols: &[C], vals: &[f32], xt: &[f32]) -> f32 {
 }
 
 /// Adds `vals[k] * xt[cols[k] * batch + b]` to `acc[b]` for the leading live weights of a row
-/// whose columns are below `c_end`; returns how many that was.
+/// whose columns are below `c_end` (all of them without one); returns how many that was.
+/// With `bias`, the sums start from it instead of from `acc`.
 #[inline(always)]
 fn row_tiles<C: Copy + Into<u32>>(
     cols: &[C],
     vals: &[f32],
-    c_end: usize,
+    c_end: Option<usize>,
+    bias: Option<f32>,
     xt: &[f32],
     batch: usize,
     acc: &mut [f32],
 ) -> usize {
-    let n = cols.partition_point(|&c| (c.into() as usize) < c_end);
+    let n = c_end.map_or(cols.len(), |e| {
+        cols.partition_point(|&c| (c.into() as usize) < e)
+    });
     let (cols, vals) = (&cols[..n], &vals[..n]);
-    if n == 0 {
+    if n == 0 && bias.is_none() {
         return 0;
     }
     // Batch tiles of fixed width keep the accumulators in registers.
     let mut b0 = 0;
     while batch - b0 >= 64 {
-        tile::<C, 64>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 64]);
+        tile::<C, 64>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
         b0 += 64;
     }
     while batch - b0 >= 32 {
-        tile::<C, 32>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 32]);
+        tile::<C, 32>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
         b0 += 32;
     }
     while batch - b0 >= 16 {
-        tile::<C, 16>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 16]);
+        tile::<C, 16>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
         b0 += 16;
     }
     while batch - b0 >= 4 {
-        tile::<C, 4>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 4]);
+        tile::<C, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
         b0 += 4;
     }
     while b0 < batch {
-        tile::<C, 1>(cols, vals, xt, batch, b0, &mut acc[b0..b0 + 1]);
+        tile::<C, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
         b0 += 1;
     }
     n
@@ -358,9 +379,13 @@ fn tile<C: Copy + Into<u32>, const T: usize>(
     xt: &[f32],
     batch: usize,
     b0: usize,
+    bias: Option<f32>,
     out: &mut [f32],
 ) {
-    let mut acc: [f32; T] = out.try_into().expect("tile width");
+    let mut acc: [f32; T] = match bias {
+        Some(b) => [b; T],
+        None => out.try_into().expect("tile width"),
+    };
     for (&c, &v) in cols.iter().zip(vals) {
         let x: &[f32; T] = xt[c.into() as usize * batch + b0..][..T]
             .try_into()

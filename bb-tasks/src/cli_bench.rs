@@ -161,7 +161,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if q {
             rows.extend(training_rows(&[32, 16, 8, 4], 8, 5, 1)?);
         } else {
-            rows.extend(training_rows(&[784, 300, 100, 10], 128, 300, 3)?);
+            rows.extend(training_rows(&[784, 300, 100, 10], 128, 500, 5)?);
             rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 60, 3)?);
         }
     }

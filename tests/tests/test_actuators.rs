@@ -4,8 +4,9 @@
 mod common;
 
 use bb_actuators::{
-    apply_targets, edge_scores, rescale_factors, select_top_k, sync_weights, zero_dead,
-    ActuatorScratch, BitMask, EdgeShape, Rescale, Side,
+    apply_targets, edge_scores, key_of, rescale_factors, select_top_k, sync_weights, threshold_key,
+    threshold_key_preserving, zero_dead, ActuatorScratch, BitMask, EdgeShape, Histogram, Rescale,
+    Side,
 };
 use common::*;
 use proptest::prelude::*;
@@ -331,8 +332,17 @@ proptest! {
             })
             .collect();
         let mut keys = Vec::new();
+        let all: Vec<u64> = s.iter().enumerate().map(|(i, &v)| key_of(v, i)).collect();
+        let (mut hist, mut tmp) = (Histogram::default(), vec![0u64; n]);
         for k in [0, 1, r.gen_range(1..n), n / 2, n - 1, n] {
             prop_assert_eq!(select_top_k(&s, k, &mut keys), naive_top_k(&s, k), "k={}", k);
+            // The selection that keeps its keys finds the same threshold.
+            let mut clobbered = all.clone();
+            prop_assert_eq!(
+                threshold_key_preserving(&all, k, &mut hist, &mut tmp),
+                threshold_key(&mut clobbered, k),
+                "k={}", k
+            );
         }
     }
 }
