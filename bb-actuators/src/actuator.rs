@@ -472,17 +472,28 @@ pub fn rescale_factors(rescale: Rescale, mask: &BitMask, out: &mut [f32]) {
 
 /// Sets the values of every dead edge of `buf` (weights or their gradients,
 /// `[out, in, kernel...]`) to zero. This is the per-training-step hot path: it walks the
-/// dead bits word by word and allocates nothing.
+/// dead bits word by word and allocates nothing. Large layers are split by rows over the
+/// rayon threads.
 pub fn zero_dead(shape: &EdgeShape, mask: &BitMask, buf: &mut [f32]) -> Result<(), ActuatorError> {
     check_len("buffer", shape.weight_len(), buf.len())?;
-    zero_dead_rows(shape.inp, shape.kernel_len(), mask, buf);
+    let (cols, kl) = (shape.inp, shape.kernel_len());
+    let n = workers(shape.edges());
+    if n == 1 || shape.out < 2 {
+        zero_dead_rows(cols, kl, 0, mask, buf);
+    } else {
+        let rows_per = shape.out.div_ceil(n);
+        buf.par_chunks_mut(rows_per * cols * kl)
+            .enumerate()
+            .for_each(|(b, chunk)| zero_dead_rows(cols, kl, b * rows_per, mask, chunk));
+    }
     Ok(())
 }
 
 crate::multiversion! {
-    fn zero_dead_rows(cols: usize, kl: usize, mask: &BitMask, buf: &mut [f32]) {
+    /// Zeroes the dead values of the rows `r0..` held in `buf`.
+    fn zero_dead_rows(cols: usize, kl: usize, r0: usize, mask: &BitMask, buf: &mut [f32]) {
         for (r, row) in buf.chunks_mut(cols * kl).enumerate() {
-            for (wi, &w) in mask.row_words(r).iter().enumerate() {
+            for (wi, &w) in mask.row_words(r0 + r).iter().enumerate() {
                 let lo = wi * 64;
                 let n = (cols - lo).min(64);
                 let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
@@ -492,11 +503,11 @@ crate::multiversion! {
                 }
                 let seg = &mut row[lo * kl..(lo + n) * kl];
                 if kl == 1 {
-                    // Clearing the bits of dead values (to +0.0) with a mask built from the
-                    // word: plain bit operations, so it vectorizes.
+                    // Branch-free select: vectorizes (a masked store of zeros).
                     for (b, x) in seg.iter_mut().enumerate() {
-                        let keep = (((w >> b) & 1) as u32).wrapping_neg();
-                        *x = f32::from_bits(x.to_bits() & keep);
+                        if (w >> b) & 1 == 0 {
+                            *x = 0.0;
+                        }
                     }
                 } else {
                     let mut d = dead;

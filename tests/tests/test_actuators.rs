@@ -263,6 +263,24 @@ fn zero_dead_and_rescale() {
     assert!((f[1] - 70.0).abs() < 1e-4);
     rescale_factors(Rescale::None, &mask, &mut f);
     assert_eq!(f, vec![1.0, 1.0]);
+    // Layers large enough to be split over threads, dense and with a kernel.
+    let mut r = rng(9);
+    for shape in [EdgeShape::dense(37, 2000), EdgeShape::conv(33, 700, &[3])] {
+        let mut mask = BitMask::empty(shape.out, shape.inp);
+        for o in 0..shape.out {
+            for i in 0..shape.inp {
+                mask.set(o, i, r.gen_bool(0.4));
+            }
+        }
+        let mut buf = vec![2.5f32; shape.weight_len()];
+        zero_dead(&shape, &mask, &mut buf).unwrap();
+        let kl = shape.kernel_len();
+        for (j, &v) in buf.iter().enumerate() {
+            let e = j / kl;
+            let live = mask.get(e / shape.inp, e % shape.inp);
+            assert_eq!(v, if live { 2.5 } else { 0.0 }, "{shape:?} value {j}");
+        }
+    }
 }
 
 #[test]
