@@ -108,6 +108,11 @@ pub fn threshold_key_preserving(
     if k >= keys.len() {
         return 1;
     }
+    if keys.len() <= SMALL_SLAB {
+        let tmp = &mut tmp[..keys.len()];
+        tmp.copy_from_slice(keys);
+        return select_below(tmp, k, 63, hist);
+    }
     let (lo, hi, candidates) = candidate_range(keys);
     if k >= candidates {
         return 1;

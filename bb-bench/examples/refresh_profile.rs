@@ -1,5 +1,5 @@
 //! Runs one refresh case repeatedly, for profiling (`perf record`):
-//! `refresh_profile [sp_in|sp_out] [OUT] [IN] [ITERS]`.
+//! `refresh_profile [sp_in|sp_out] [OUT] [IN] [ITERS] [KERNEL, e.g. 3x3]`.
 
 use bb_bench::{median_time, random_vec, refresh_pruner, stream_sum};
 use bb_core::EdgeShape;
@@ -11,7 +11,10 @@ fn main() {
     let out: usize = a.get(2).map_or(4096, |s| s.parse().expect("OUT"));
     let inp: usize = a.get(3).map_or(4096, |s| s.parse().expect("IN"));
     let iters: usize = a.get(4).map_or(20, |s| s.parse().expect("ITERS"));
-    let shape = EdgeShape::dense(out, inp);
+    let kernel: Vec<usize> = a.get(5).map_or(Vec::new(), |k| {
+        k.split('x').map(|d| d.parse().expect("KERNEL")).collect()
+    });
+    let shape = EdgeShape::conv(out, inp, &kernel);
     let mut w = random_vec(7, shape.weight_len());
     let mut p = refresh_pruner(&shape, act, true, true);
     let t = Instant::now();
