@@ -543,6 +543,13 @@ impl Pruner {
     }
 
     /// Runs one refresh now, whatever the schedule (the step count is unchanged).
+    ///
+    /// Shape and length errors are found before anything changes. A non-finite weight is an
+    /// error naming its layer and index; under a policy that reads scores it is found before
+    /// anything changes too, but under one that plans degree targets (BB) each layer is scored
+    /// as it is refreshed, so earlier layers, and the rows of the bad layer that hold no bad
+    /// value, may already be refreshed when it is reported (every row's mask and weights stay
+    /// consistent; that layer's rescale factors are not updated). Training should stop there.
     pub fn refresh(
         &mut self,
         weights: &mut [&mut [f32]],
