@@ -472,20 +472,12 @@ pub fn rescale_factors(rescale: Rescale, mask: &BitMask, out: &mut [f32]) {
 
 /// Sets the values of every dead edge of `buf` (weights or their gradients,
 /// `[out, in, kernel...]`) to zero. This is the per-training-step hot path: it walks the
-/// dead bits word by word and allocates nothing. Large layers are split by rows over the
-/// rayon threads.
+/// dead bits word by word and allocates nothing. It runs on the calling thread: handing
+/// work to the thread pool from outside it allocates now and then, which the per-step path
+/// must not do.
 pub fn zero_dead(shape: &EdgeShape, mask: &BitMask, buf: &mut [f32]) -> Result<(), ActuatorError> {
     check_len("buffer", shape.weight_len(), buf.len())?;
-    let (cols, kl) = (shape.inp, shape.kernel_len());
-    let n = workers(shape.edges());
-    if n == 1 || shape.out < 2 {
-        zero_dead_rows(cols, kl, 0, mask, buf);
-    } else {
-        let rows_per = shape.out.div_ceil(n);
-        buf.par_chunks_mut(rows_per * cols * kl)
-            .enumerate()
-            .for_each(|(b, chunk)| zero_dead_rows(cols, kl, b * rows_per, mask, chunk));
-    }
+    zero_dead_rows(shape.inp, shape.kernel_len(), 0, mask, buf);
     Ok(())
 }
 

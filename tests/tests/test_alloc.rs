@@ -44,7 +44,17 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn training_steps_between_refreshes_do_not_allocate() {
-    let widths = [64, 48, 32, 10];
+    steps_do_not_allocate([64, 48, 32, 10], 50);
+}
+
+/// A layer large enough (over 2^15 edges) for the engine to split its mask application over
+/// threads: still nothing allocated on the calling thread.
+#[test]
+fn training_steps_with_a_large_layer_do_not_allocate() {
+    steps_do_not_allocate([64, 700, 64, 10], 300);
+}
+
+fn steps_do_not_allocate(widths: [usize; 4], steps: usize) {
     let topo = Topology::chain(&["a", "b", "c"], &widths).unwrap();
     let cfg = PrunerConfig::from_toml_str(
         "[schedule]\nwarmup_steps = 5\nrefresh_every = 1000\n[policy]\nkind = \"balance\"\nbeta = 0.1\ntarget_density = 0.5\n",
@@ -85,9 +95,9 @@ fn training_steps_between_refreshes_do_not_allocate() {
         "the counter sees this thread's allocations"
     );
     let before = allocations();
-    for _ in 0..50 {
+    for _ in 0..steps {
         assert!(one_step(&mut p, &mut ws, &mut gs).is_none());
     }
     let after = allocations();
-    assert_eq!(after - before, 0, "allocations in 50 training steps");
+    assert_eq!(after - before, 0, "allocations in {steps} training steps");
 }
