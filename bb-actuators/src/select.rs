@@ -3,8 +3,9 @@
 //! Every candidate entry of a slab becomes one `u64` key: the bits of its (non-negative)
 //! score in the high half and `u32::MAX - index` in the low half. Keys are then unique and
 //! ordered by (score descending, index ascending), so "the k largest keys" is exactly
-//! "the k largest scores, ties toward the lower index", and one `select_nth_unstable`
-//! finds the threshold key in O(n) without sorting.
+//! "the k largest scores, ties toward the lower index", and the threshold key is found in
+//! O(n) without sorting: a radix select over the keys' digits narrows long slabs down to a
+//! few keys, and `select_nth_unstable` finishes.
 
 /// Key of an entry that must never be selected (a dead edge when regrowth is off).
 pub const NOT_A_CANDIDATE: u64 = 0;
