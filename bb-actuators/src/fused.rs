@@ -12,7 +12,7 @@
 //!   a second pass rebuilds every row and moves its weights.
 
 use crate::actuator::{ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
-use crate::select::{key_of, threshold_key_preserving, Histogram};
+use crate::select::{key_of, threshold_key_bracketed, threshold_key_preserving, Histogram};
 use crate::shape::{check_len, first_non_finite};
 use crate::{ActuatorError, BitMask, EdgeShape, Side};
 use rayon::prelude::*;
@@ -23,6 +23,10 @@ use rayon::prelude::*;
 ///
 /// The result equals [`crate::edge_scores`] followed by [`crate::apply_targets`] and
 /// [`crate::sync_weights`] (without growing from zero), bit for bit.
+///
+/// `hints` is the layer's memory between refreshes: for rows, the key range each row's
+/// threshold fell in last time, so that the next selection can start there. It changes only
+/// the speed, never the result; start with an empty vector and keep it with the layer.
 ///
 /// A non-finite score is an error naming the buffer and flat index of the first bad value.
 /// With columns nothing has changed when it is returned; with rows, every row holding a
@@ -38,6 +42,7 @@ pub fn refresh_targets(
     regrow: bool,
     mask: &mut BitMask,
     scratch: &mut ActuatorScratch,
+    hints: &mut Vec<u64>,
 ) -> Result<SyncStats, ActuatorError> {
     check_len("weights", shape.weight_len(), weights.len())?;
     check_len("shadow", shape.weight_len(), shadow.len())?;
@@ -55,7 +60,12 @@ pub fn refresh_targets(
         return Ok(SyncStats::default());
     }
     let bad = match side {
-        Side::Rows => fused_rows(shape, weights, shadow, targets, regrow, mask, scratch),
+        Side::Rows => {
+            hints.resize(2 * shape.out, 0);
+            fused_rows(
+                shape, weights, shadow, targets, regrow, mask, scratch, hints,
+            )
+        }
         Side::Columns => fused_columns(shape, weights, shadow, targets, regrow, mask, scratch),
     };
     bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, row))
@@ -123,6 +133,7 @@ fn add(a: SyncStats, b: SyncStats) -> SyncStats {
 }
 
 /// Rows: one fused pass. Returns the stats, or the first row with a non-finite score.
+#[allow(clippy::too_many_arguments)]
 fn fused_rows(
     shape: &EdgeShape,
     weights: &mut [f32],
@@ -131,6 +142,7 @@ fn fused_rows(
     regrow: bool,
     mask: &mut BitMask,
     scratch: &mut ActuatorScratch,
+    hints: &mut [u64],
 ) -> Result<SyncStats, usize> {
     let (cols, kl, wpr) = (shape.inp, shape.kernel_len(), mask.words_per_row());
     let n = workers(shape.edges());
@@ -143,13 +155,14 @@ fn fused_rows(
         .par_chunks_mut(rows_per * wpr)
         .zip(weights.par_chunks_mut(rows_per * rl))
         .zip(shadow.par_chunks_mut(rows_per * rl))
+        .zip(hints.par_chunks_mut(rows_per * 2))
         .zip(
             scratch.keys[..n]
                 .par_iter_mut()
                 .zip(scratch.hists[..n].par_iter_mut()),
         )
         .enumerate()
-        .map(|(b, (((words, w), h), (keys, hist)))| {
+        .map(|(b, ((((words, w), h), hints), (keys, hist)))| {
             let (keys, tmp) = keys.split_at_mut(cols);
             rows_fused_block(
                 cols,
@@ -164,6 +177,7 @@ fn fused_rows(
                 keys,
                 &mut tmp[..cols],
                 hist,
+                hints,
             )
         })
         .reduce(
@@ -193,6 +207,7 @@ crate::multiversion! {
         keys: &mut [u64],
         tmp: &mut [u64],
         hist: &mut Histogram,
+        hints: &mut [u64],
     ) -> (SyncStats, Option<usize>) {
         let mut st = SyncStats::default();
         let mut bad = None;
@@ -224,7 +239,8 @@ crate::multiversion! {
                 bad.get_or_insert(r);
                 continue;
             }
-            let thr = threshold_key_preserving(keys, targets[r] as usize, hist, tmp);
+            let bracket: &mut [u64; 2] = (&mut hints[2 * i..2 * i + 2]).try_into().expect("two");
+            let thr = threshold_key_bracketed(keys, targets[r] as usize, bracket, hist, tmp);
             // Mask words are rebuilt in blocks of up to 64 words (4096 columns), each block
             // synced against the old words before they are overwritten.
             for (blk, (ow, kb)) in mw.chunks_mut(64).zip(keys.chunks(64 * 64)).enumerate() {

@@ -39,7 +39,7 @@ pub use error::ActuatorError;
 pub use fused::refresh_targets;
 pub use mask::BitMask;
 pub use select::{
-    key_of, select_top_k, threshold_key, threshold_key_preserving, threshold_key_with, Histogram,
-    NOT_A_CANDIDATE,
+    key_of, select_top_k, threshold_key, threshold_key_bracketed, threshold_key_preserving,
+    threshold_key_with, Histogram, NOT_A_CANDIDATE,
 };
 pub use shape::{edge_scores, EdgeShape};

@@ -169,6 +169,68 @@ pub fn threshold_key_preserving(
     select_below(&mut tmp[..n], need, shift, hist)
 }
 
+/// [`threshold_key_preserving`] that first tries `bracket`, a key range remembered from the
+/// slab's previous selection: when the `k`-th largest key still lies in it, two counting
+/// passes and the keys inside it are all the work. Otherwise it selects from scratch. Either
+/// way `bracket` is then set around the new threshold (a small relative margin on its score),
+/// and the result is the same as without a bracket: any bracket, `[0, 0]` included, is
+/// valid input.
+#[inline(always)]
+pub fn threshold_key_bracketed(
+    keys: &[u64],
+    k: usize,
+    bracket: &mut [u64; 2],
+    hist: &mut Histogram,
+    tmp: &mut [u64],
+) -> u64 {
+    let thr = match bracketed(keys, k, *bracket, hist, tmp) {
+        Some(t) => t,
+        None => threshold_key_preserving(keys, k, hist, tmp),
+    };
+    *bracket = if thr <= 1 || thr == u64::MAX {
+        [0, 0]
+    } else {
+        // About 1.5 % of the score either side: the score's bits count 2^23 steps per
+        // doubling, so 2^17 of them are a relative step of 2^-6 at any magnitude.
+        let score = thr >> 32;
+        let margin = 1u64 << 17;
+        [
+            (score.saturating_sub(margin) << 32).max(1),
+            (score + margin + 1) << 32,
+        ]
+    };
+    thr
+}
+
+/// The threshold if the `k`-th largest key lies in `lo..hi`.
+#[inline(always)]
+fn bracketed(
+    keys: &[u64],
+    k: usize,
+    [lo, hi]: [u64; 2],
+    hist: &mut Histogram,
+    tmp: &mut [u64],
+) -> Option<u64> {
+    if k == 0 || k >= keys.len() || lo == 0 || lo >= hi {
+        return None;
+    }
+    let (mut above_hi, mut above_lo) = (0usize, 0usize);
+    for &key in keys {
+        above_hi += usize::from(key >= hi);
+        above_lo += usize::from(key >= lo);
+    }
+    if !(above_hi < k && k <= above_lo) {
+        return None;
+    }
+    let n = gather_range(keys, lo, hi - 1, tmp);
+    let need = k - above_hi;
+    let score = tmp[0] >> 32;
+    if tmp[..n].iter().fold(0, |d, &key| d | ((key >> 32) ^ score)) == 0 {
+        return Some(tmp[need - 1]);
+    }
+    Some(select_below(&mut tmp[..n], need, 63, hist))
+}
+
 /// The smallest and largest candidate (non-zero) key and the number of candidates.
 #[inline(always)]
 fn candidate_range(keys: &[u64]) -> (u64, u64, usize) {

@@ -131,6 +131,8 @@ struct Scratch {
     degrees: Vec<Vec<u32>>,
     old: Vec<BitMask>,
     actuator: ActuatorScratch,
+    /// Per layer: where each slab's last threshold fell (speeds up the next selection only).
+    hints: Vec<Vec<u64>>,
 }
 
 /// Minimum, mean and maximum live degree of a layer's actuated slabs.
@@ -592,6 +594,7 @@ impl Pruner {
         scratch.grads.resize_with(n, Vec::new);
         scratch.degrees.resize_with(n, Vec::new);
         scratch.old.resize_with(n, || BitMask::empty(0, 0));
+        scratch.hints.resize_with(n, Vec::new);
         let pruned: Vec<usize> = (0..n).filter(|&l| layers[l].prune).collect();
         let want_grads = config.policy.needs_gradients();
         let want_scores = config.policy.needs_scores();
@@ -714,6 +717,7 @@ impl Pruner {
                     st.actuator.regrow() && !prune_only,
                     &mut st.mask,
                     &mut scratch.actuator,
+                    &mut scratch.hints[l],
                 )
                 .map_err(|e| BbError::from_actuator(name, e))?,
                 LayerPlan::Mask {

@@ -97,6 +97,7 @@ fn fused(
         regrow,
         &mut mask,
         &mut scratch,
+        &mut Vec::new(),
     );
     let shape = l.shape.clone();
     (Layer { shape, mask, w, h }, st)
@@ -198,4 +199,69 @@ fn non_finite_values_are_named_and_bad_rows_left_alone() {
             index: 100 + c
         }
     );
+}
+
+/// The hints a layer keeps between refreshes change nothing: a run of refreshes with the
+/// weights drifting (so that remembered brackets sometimes hold and sometimes miss) gives the
+/// same masks, weights and shadow as the same run with the hints thrown away every time.
+#[test]
+fn hints_kept_between_refreshes_change_nothing() {
+    for (mode, regrow) in [(0u8, true), (1, true), (2, true), (0, false)] {
+        let mut r = rng(90 + mode as u64);
+        let l = layer(&mut r, 12, 1500, &[], mode);
+        let (mut a, mut b) = (
+            (l.mask.clone(), l.w.clone(), l.h.clone()),
+            (l.mask.clone(), l.w.clone(), l.h.clone()),
+        );
+        let (mut sa, mut sb) = (ActuatorScratch::default(), ActuatorScratch::default());
+        let mut hints = Vec::new();
+        for step in 0..12 {
+            let targets: Vec<u32> = (0..12).map(|_| r.gen_range(600..900)).collect();
+            // Drift: small relative changes of every live weight, a few large ones.
+            let drift: Vec<f32> = (0..l.w.len())
+                .map(|_| {
+                    if r.gen_bool(0.01) {
+                        r.gen_range(0.5f32..2.0)
+                    } else {
+                        r.gen_range(0.995f32..1.005)
+                    }
+                })
+                .collect();
+            for ((x, y), f) in a.1.iter_mut().zip(b.1.iter_mut()).zip(&drift) {
+                *x *= f;
+                *y *= f;
+            }
+            let ra = refresh_targets(
+                Side::Rows,
+                &l.shape,
+                &mut a.1,
+                &mut a.2,
+                &targets,
+                regrow,
+                &mut a.0,
+                &mut sa,
+                &mut hints,
+            )
+            .unwrap();
+            let rb = refresh_targets(
+                Side::Rows,
+                &l.shape,
+                &mut b.1,
+                &mut b.2,
+                &targets,
+                regrow,
+                &mut b.0,
+                &mut sb,
+                &mut Vec::new(),
+            )
+            .unwrap();
+            assert_eq!(ra, rb, "mode {mode} step {step}");
+            assert!(a.0 == b.0, "mode {mode} step {step}");
+            assert_eq!(bits(&a.1), bits(&b.1), "mode {mode} step {step}");
+            assert_eq!(bits(&a.2), bits(&b.2), "mode {mode} step {step}");
+        }
+        if regrow {
+            assert!(hints.iter().any(|&x| x != 0), "hints were kept");
+        }
+    }
 }
