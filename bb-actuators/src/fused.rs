@@ -12,7 +12,7 @@
 //!   a second pass rebuilds every row and moves its weights.
 
 use crate::actuator::{ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
-use crate::select::{key_of, threshold_key_bracketed, threshold_key_preserving, Histogram};
+use crate::select::{key_of, threshold_key_bracketed, Histogram};
 use crate::shape::{check_len, first_non_finite};
 use crate::{ActuatorError, BitMask, EdgeShape, Side};
 use rayon::prelude::*;
@@ -24,8 +24,8 @@ use rayon::prelude::*;
 /// The result equals [`crate::edge_scores`] followed by [`crate::apply_targets`] and
 /// [`crate::sync_weights`] (without growing from zero), bit for bit.
 ///
-/// `hints` is the layer's memory between refreshes: for rows, the key range each row's
-/// threshold fell in last time, so that the next selection can start there. It changes only
+/// `hints` is the layer's memory between refreshes: the key range each slab's threshold fell
+/// in last time, so that the next selection can start there. It changes only
 /// the speed, never the result; start with an empty vector and keep it with the layer.
 ///
 /// A non-finite score is an error naming the buffer and flat index of the first bad value.
@@ -66,7 +66,12 @@ pub fn refresh_targets(
                 shape, weights, shadow, targets, regrow, mask, scratch, hints,
             )
         }
-        Side::Columns => fused_columns(shape, weights, shadow, targets, regrow, mask, scratch),
+        Side::Columns => {
+            hints.resize(2 * shape.inp, 0);
+            fused_columns(
+                shape, weights, shadow, targets, regrow, mask, scratch, hints,
+            )
+        }
     };
     bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, row))
 }
@@ -262,6 +267,7 @@ crate::multiversion! {
 }
 
 /// Columns: thresholds from gathered strips, then every row rebuilt and synced.
+#[allow(clippy::too_many_arguments)]
 fn fused_columns(
     shape: &EdgeShape,
     weights: &mut [f32],
@@ -270,6 +276,7 @@ fn fused_columns(
     regrow: bool,
     mask: &mut BitMask,
     scratch: &mut ActuatorScratch,
+    hints: &mut [u64],
 ) -> Result<SyncStats, usize> {
     let (rows, cols, kl, wpr) = (
         shape.out,
@@ -288,16 +295,21 @@ fn fused_columns(
         scratch
             .thresholds
             .par_chunks_mut(cols_per)
+            .zip(hints.par_chunks_mut(2 * cols_per))
             .zip(
                 scratch.keys[..n]
                     .par_iter_mut()
                     .zip(scratch.hists[..n].par_iter_mut()),
             )
             .enumerate()
-            .map(|(b, (thr, (keys, hist)))| {
+            .map(|(b, ((thr, hints), (keys, hist)))| {
                 let c0 = b * cols_per;
                 let mut bad = None;
-                for (s, strip) in thr.chunks_mut(COLUMN_BLOCK).enumerate() {
+                for (s, (strip, hints)) in thr
+                    .chunks_mut(COLUMN_BLOCK)
+                    .zip(hints.chunks_mut(2 * COLUMN_BLOCK))
+                    .enumerate()
+                {
                     let s0 = c0 + s * COLUMN_BLOCK;
                     if let Some(r) = gather_strip_fused(
                         w,
@@ -313,7 +325,8 @@ fn fused_columns(
                         continue;
                     }
                     let (keys, tmp) = keys.split_at_mut(COLUMN_BLOCK * rows);
-                    strip_thresholds(keys, rows, &targets[s0..s0 + strip.len()], hist, tmp, strip);
+                    let targets = &targets[s0..s0 + strip.len()];
+                    strip_thresholds(keys, rows, targets, hist, tmp, hints, strip);
                 }
                 bad
             })
@@ -340,10 +353,21 @@ fn fused_columns(
 }
 
 crate::multiversion! {
-    /// The threshold key of each column of a gathered strip (`rows` keys per column).
-    fn strip_thresholds(keys: &[u64], rows: usize, targets: &[u32], hist: &mut Histogram, tmp: &mut [u64], out: &mut [u64]) {
-        for (j, (t, &k)) in out.iter_mut().zip(targets).enumerate() {
-            *t = threshold_key_preserving(&keys[j * rows..(j + 1) * rows], k as usize, hist, tmp);
+    /// The threshold key of each column of a gathered strip (`rows` keys per column),
+    /// starting from the column's hint.
+    #[allow(clippy::too_many_arguments)]
+    fn strip_thresholds(
+        keys: &[u64],
+        rows: usize,
+        targets: &[u32],
+        hist: &mut Histogram,
+        tmp: &mut [u64],
+        hints: &mut [u64],
+        out: &mut [u64],
+    ) {
+        for (j, ((t, &k), hint)) in out.iter_mut().zip(targets).zip(hints.chunks_exact_mut(2)).enumerate() {
+            let bracket: &mut [u64; 2] = hint.try_into().expect("two");
+            *t = threshold_key_bracketed(&keys[j * rows..(j + 1) * rows], k as usize, bracket, hist, tmp);
         }
     }
 }

@@ -206,9 +206,20 @@ fn non_finite_values_are_named_and_bad_rows_left_alone() {
 /// same masks, weights and shadow as the same run with the hints thrown away every time.
 #[test]
 fn hints_kept_between_refreshes_change_nothing() {
-    for (mode, regrow) in [(0u8, true), (1, true), (2, true), (0, false)] {
+    for (mode, regrow, side) in [
+        (0u8, true, Side::Rows),
+        (1, true, Side::Rows),
+        (2, true, Side::Rows),
+        (0, false, Side::Rows),
+        (0, true, Side::Columns),
+        (2, true, Side::Columns),
+    ] {
         let mut r = rng(90 + mode as u64);
-        let l = layer(&mut r, 12, 1500, &[], mode);
+        let l = if side == Side::Rows {
+            layer(&mut r, 12, 1500, &[], mode)
+        } else {
+            layer(&mut r, 1500, 12, &[], mode)
+        };
         let (mut a, mut b) = (
             (l.mask.clone(), l.w.clone(), l.h.clone()),
             (l.mask.clone(), l.w.clone(), l.h.clone()),
@@ -232,19 +243,11 @@ fn hints_kept_between_refreshes_change_nothing() {
                 *y *= f;
             }
             let ra = refresh_targets(
-                Side::Rows,
-                &l.shape,
-                &mut a.1,
-                &mut a.2,
-                &targets,
-                regrow,
-                &mut a.0,
-                &mut sa,
-                &mut hints,
+                side, &l.shape, &mut a.1, &mut a.2, &targets, regrow, &mut a.0, &mut sa, &mut hints,
             )
             .unwrap();
             let rb = refresh_targets(
-                Side::Rows,
+                side,
                 &l.shape,
                 &mut b.1,
                 &mut b.2,
