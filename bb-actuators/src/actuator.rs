@@ -1,6 +1,6 @@
 use crate::mask::fill_words;
 use crate::select::{key_of, threshold_key_with, Histogram};
-use crate::shape::check_len;
+use crate::shape::{check_len, check_mask};
 use crate::{ActuatorError, BitMask, EdgeShape};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -161,15 +161,7 @@ pub fn apply_targets(
 ) -> Result<(), ActuatorError> {
     check_len("scores", shape.edges(), scores.len())?;
     check_len("targets", shape.slabs(side), targets.len())?;
-    if mask.rows() != shape.out || mask.cols() != shape.inp {
-        return Err(ActuatorError::Shape(format!(
-            "mask is [{}, {}] but the layer is [{}, {}]",
-            mask.rows(),
-            mask.cols(),
-            shape.out,
-            shape.inp
-        )));
-    }
+    check_mask(shape, mask)?;
     match side {
         Side::Rows => select_rows(shape, scores, targets, regrow, mask, scratch),
         Side::Columns => select_columns(shape, scores, targets, regrow, mask, scratch),
@@ -178,7 +170,7 @@ pub fn apply_targets(
 }
 
 #[inline(always)]
-fn edge_key(score: f32, index: usize, live: bool, regrow: bool) -> u64 {
+pub(crate) fn edge_key(score: f32, index: usize, live: bool, regrow: bool) -> u64 {
     // Branch-free, so the loops around it vectorize: 0 (NOT_A_CANDIDATE) for a dead edge
     // without regrowth.
     key_of(score, index) * u64::from(regrow | live)

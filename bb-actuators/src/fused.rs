@@ -11,9 +11,9 @@
 //! * **columns (SP-out)**: one pass gathers strips of columns and selects their thresholds,
 //!   a second pass rebuilds every row and moves its weights.
 
-use crate::actuator::{ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
-use crate::select::{key_of, threshold_key_bracketed, Histogram};
-use crate::shape::{check_len, first_non_finite};
+use crate::actuator::{edge_key, ensure_keys, workers, ActuatorScratch, SyncStats, COLUMN_BLOCK};
+use crate::select::{threshold_key_bracketed, Histogram};
+use crate::shape::{check_len, check_mask, first_non_finite};
 use crate::{ActuatorError, BitMask, EdgeShape, Side};
 use rayon::prelude::*;
 
@@ -47,15 +47,7 @@ pub fn refresh_targets(
     check_len("weights", shape.weight_len(), weights.len())?;
     check_len("shadow", shape.weight_len(), shadow.len())?;
     check_len("targets", shape.slabs(side), targets.len())?;
-    if mask.rows() != shape.out || mask.cols() != shape.inp {
-        return Err(ActuatorError::Shape(format!(
-            "mask is [{}, {}] but the layer is [{}, {}]",
-            mask.rows(),
-            mask.cols(),
-            shape.out,
-            shape.inp
-        )));
-    }
+    check_mask(shape, mask)?;
     if shape.edges() == 0 {
         return Ok(SyncStats::default());
     }
@@ -89,7 +81,7 @@ fn score(kl: usize, live: bool, w: &[f32], h: &[f32], c: usize) -> f32 {
 }
 
 /// The keys of up to 64 consecutive edges of a dense row (mask `word`, first index `lo`),
-/// as [`key_of`] of their score times whether they are candidates; returns whether every
+/// as [`crate::key_of`] of their score times whether they are candidates; returns whether every
 /// score is finite. Written with bit operations only, so that it vectorizes.
 #[inline(always)]
 fn keys_word(word: u64, w: &[f32], h: &[f32], lo: usize, regrow: bool, keys: &mut [u64]) -> bool {
@@ -104,6 +96,14 @@ fn keys_word(word: u64, w: &[f32], h: &[f32], lo: usize, regrow: bool, keys: &mu
         *key = k & (live | all);
     }
     bad == 0
+}
+
+/// A key from [`keys_word`] (numbered by column) renumbered for its column's selection, by
+/// row `r`; non-candidates stay 0.
+#[inline(always)]
+fn by_row(key: u64, r: usize) -> u64 {
+    let idx = u64::from(u32::MAX) - r as u64;
+    (key & !u64::from(u32::MAX)) | (idx * u64::from(key != 0))
 }
 
 /// Moves the weights of one row's edges whose bits differ between `old` and `new` words.
@@ -236,7 +236,7 @@ crate::multiversion! {
                         let live = (word >> b) & 1 == 1;
                         let v = score(kl, live, wr, hr, lo + b);
                         finite &= v.is_finite();
-                        *key = key_of(v, lo + b) * u64::from(regrow | live);
+                        *key = edge_key(v, lo + b, live, regrow);
                     }
                 }
             }
@@ -404,11 +404,8 @@ crate::multiversion! {
                     if !keys_word(word, wc, hc, 0, regrow, &mut t[..width]) {
                         bad.get_or_insert(r);
                     }
-                    // keys_word numbers the entries by column; a column's keys are numbered
-                    // by row.
-                    let idx = u64::from(u32::MAX) - r as u64;
                     for k in &mut t[..width] {
-                        *k = (*k & !u64::from(u32::MAX)) | (idx * u64::from(*k != 0));
+                        *k = by_row(*k, r);
                     }
                 }
                 if bad.is_some() {
@@ -428,21 +425,11 @@ crate::multiversion! {
             let word = words[r * wpr + s0 / 64];
             let (wr, hr) = (&w[r * rl..(r + 1) * rl], &h[r * rl..(r + 1) * rl]);
             let mut finite = true;
-            if kl == 1 {
-                let (wc, hc) = (&wr[s0..s0 + width], &hr[s0..s0 + width]);
-                for j in 0..width {
-                    let live = (word >> j) & 1 == 1;
-                    let v = if live { wc[j] } else { hc[j] };
-                    finite &= v.is_finite();
-                    keys[j * rows + r] = key_of(v.abs(), r) * u64::from(regrow | live);
-                }
-            } else {
-                for j in 0..width {
-                    let live = (word >> j) & 1 == 1;
-                    let v = score(kl, live, wr, hr, s0 + j);
-                    finite &= v.is_finite();
-                    keys[j * rows + r] = key_of(v, r) * u64::from(regrow | live);
-                }
+            for j in 0..width {
+                let live = (word >> j) & 1 == 1;
+                let v = score(kl, live, wr, hr, s0 + j);
+                finite &= v.is_finite();
+                keys[j * rows + r] = edge_key(v, r, live, regrow);
             }
             if !finite {
                 return Some(r);
@@ -475,7 +462,6 @@ crate::multiversion! {
             .enumerate()
         {
             let r = r0 + i;
-            let idx = u64::from(u32::MAX) - r as u64;
             let mut kw = [0u64; 64];
             for (wi, ow) in mw.iter_mut().enumerate() {
                 let lo = wi * 64;
@@ -486,9 +472,7 @@ crate::multiversion! {
                     let kw = &mut kw[..hi - lo];
                     keys_word(old, &wr[lo..hi], &hr[lo..hi], 0, regrow, kw);
                     for (b, (&k, &thr)) in kw.iter().zip(&thresholds[lo..hi]).enumerate() {
-                        // The key as a column numbers it: by row.
-                        let key = (k & !u64::from(u32::MAX)) | (idx * u64::from(k != 0));
-                        bits |= u64::from(key >= thr) << b;
+                        bits |= u64::from(by_row(k, r) >= thr) << b;
                     }
                     st = add(st, sync_row(&[old], &[bits], kl, &mut wr[lo..], &mut hr[lo..]));
                     *ow = bits;
@@ -496,8 +480,7 @@ crate::multiversion! {
                 }
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
                     let live = (old >> b) & 1 == 1;
-                    let key =
-                        key_of(score(kl, live, wr, hr, lo + b), r) * u64::from(regrow | live);
+                    let key = edge_key(score(kl, live, wr, hr, lo + b), r, live, regrow);
                     bits |= u64::from(key >= thr) << b;
                 }
                 let off = lo * kl;

@@ -108,15 +108,7 @@ pub fn edge_scores(
     check_len("weights", shape.weight_len(), weights.len())?;
     check_len("shadow", shape.weight_len(), shadow.len())?;
     check_len("scores", shape.edges(), scores.len())?;
-    if mask.rows() != shape.out || mask.cols() != shape.inp {
-        return Err(ActuatorError::Shape(format!(
-            "mask is [{}, {}] but the layer is [{}, {}]",
-            mask.rows(),
-            mask.cols(),
-            shape.out,
-            shape.inp
-        )));
-    }
+    check_mask(shape, mask)?;
     let (cols, wpr) = (shape.inp, mask.words_per_row());
     let bad = scores
         .par_chunks_mut(cols)
@@ -196,6 +188,20 @@ crate::multiversion! {
         }
         finite
     }
+}
+
+/// Fails unless `mask` is `[out, in]` of `shape`.
+pub(crate) fn check_mask(shape: &EdgeShape, mask: &BitMask) -> Result<(), ActuatorError> {
+    if mask.rows() != shape.out || mask.cols() != shape.inp {
+        return Err(ActuatorError::Shape(format!(
+            "mask is [{}, {}] but the layer is [{}, {}]",
+            mask.rows(),
+            mask.cols(),
+            shape.out,
+            shape.inp
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<(), ActuatorError> {

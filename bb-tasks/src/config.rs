@@ -279,11 +279,7 @@ impl ExperimentConfig {
         );
         t.optimizer.validate()?;
         let n_train = split.train.len();
-        ensure!(
-            t.batch_size <= n_train,
-            "train.batch_size ({}) is larger than the training set ({n_train} samples)",
-            t.batch_size
-        );
+        check_batch_size(t.batch_size, n_train, "samples")?;
         ensure!(!self.arms.is_empty(), "arms: give at least one arm");
         let mut names = std::collections::BTreeSet::new();
         for (i, a) in self.arms.iter().enumerate() {
@@ -364,6 +360,15 @@ impl ExperimentConfig {
         let split = self.data.build(seed)?;
         self.plan_with(&split)
     }
+}
+
+/// Fails unless a batch of `batch` fits in a training set of `n` (counted in `unit`).
+pub fn check_batch_size(batch: usize, n: usize, unit: &str) -> Result<()> {
+    ensure!(
+        batch <= n,
+        "train.batch_size ({batch}) is larger than the training set ({n} {unit})"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -204,11 +204,7 @@ pub fn plan_runs<T: ConvTask>(
     prunable: impl FnOnce(&T::Model) -> Vec<String>,
 ) -> Result<Vec<ConvRunSpec>> {
     let n = task.n_train();
-    ensure!(
-        train.batch_size <= n,
-        "train.batch_size ({}) is larger than the training set ({n} {unit})",
-        train.batch_size
-    );
+    crate::config::check_batch_size(train.batch_size, n, unit)?;
     let mut store = ParamStore::new(dev);
     let model = task.build(&mut store, seed)?;
     let topo = task.topology(&model);
@@ -575,11 +571,7 @@ pub fn train_run<T: ConvTask>(
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let t = &spec.train;
     let n = task.n_train();
-    ensure!(
-        t.batch_size <= n,
-        "train.batch_size ({}) is larger than the training set ({n} samples)",
-        t.batch_size
-    );
+    crate::config::check_batch_size(t.batch_size, n, "samples")?;
     let mut store = ParamStore::new(dev);
     let model = task.build(&mut store, spec.seed)?;
     let topo = task.topology(&model);
