@@ -50,7 +50,7 @@ impl Schedule {
         let w = self.warmup();
         let first = if w == 0 { self.refresh_every } else { w };
         step >= first
-            && (step - w) % self.refresh_every == 0
+            && (step - w).is_multiple_of(self.refresh_every)
             && self.freeze_step.is_none_or(|f| step <= f)
     }
 

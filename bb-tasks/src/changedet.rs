@@ -253,7 +253,7 @@ impl ChangeDetConfig {
         convrun::validate_common(&self.name, &self.seeds, &self.train, &self.arms)?;
         let d = &self.data;
         ensure!(
-            d.size >= 8 && d.size % 4 == 0,
+            d.size >= 8 && d.size.is_multiple_of(4),
             "data.size must be a multiple of 4 and at least 8, got {}",
             d.size
         );
@@ -684,7 +684,7 @@ impl SiamNet {
     /// Builds the network for `size x size` single-channel images.
     pub fn new(cfg: &SiamConfig, st: &mut ParamStore, size: usize, seed: u64) -> Result<Self> {
         let c = cfg.channels;
-        ensure!(size % 4 == 0, "data.size must be a multiple of 4");
+        ensure!(size.is_multiple_of(4), "data.size must be a multiple of 4");
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let hw = |k: usize| (size / k, size / k);
         let enc = vec![
@@ -868,7 +868,7 @@ impl Counts {
 /// The change metrics of predicted probabilities against truth (both `[n, pixels]`).
 pub fn change_metrics(prob: &[f32], truth: &[u8], pixels: usize) -> Result<BTreeMap<String, f64>> {
     ensure!(
-        pixels > 0 && prob.len() == truth.len() && prob.len() % pixels == 0,
+        pixels > 0 && prob.len() == truth.len() && prob.len().is_multiple_of(pixels),
         "change metrics: {} probabilities and {} truth values are not whole images of {pixels} pixels",
         prob.len(),
         truth.len()

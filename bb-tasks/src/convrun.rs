@@ -690,7 +690,7 @@ pub fn train_run<T: ConvTask>(
         write_jsonl(&dir.join("metrics.jsonl"), &state.metrics)?;
         write_jsonl(&dir.join("refreshes.jsonl"), &state.refreshes)?;
         let stop_here = opts.stop_after_epoch == Some(epoch);
-        let periodic = t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0;
+        let periodic = t.checkpoint_every > 0 && epoch.is_multiple_of(t.checkpoint_every);
         if periodic || stop_here || epoch == t.epochs {
             save_checkpoint(dir, &store, &opt, pruner.as_ref(), &state)?;
         }

@@ -227,7 +227,7 @@ impl EmConfig {
         convrun::validate_common(&self.name, &self.seeds, &self.train, &self.arms)?;
         let d = &self.data;
         ensure!(
-            d.size >= 8 && d.size <= 64 && d.size % 2 == 0,
+            d.size >= 8 && d.size <= 64 && d.size.is_multiple_of(2),
             "data.size must be even and in 8..=64, got {}",
             d.size
         );
@@ -676,7 +676,7 @@ impl UNet3d {
         let [c0, c1] = cfg.channels;
         let g = cfg.groups;
         ensure!(
-            size >= 2 && size % 2 == 0,
+            size >= 2 && size.is_multiple_of(2),
             "data.size must be even, got {size}"
         );
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -416,7 +416,7 @@ impl GroupNorm {
     /// Adds `<name>.{weight,bias}` (1, 0).
     pub fn new(store: &mut ParamStore, name: &str, channels: usize, groups: usize) -> Result<Self> {
         ensure!(
-            groups > 0 && channels > 0 && channels % groups == 0,
+            groups > 0 && channels > 0 && channels.is_multiple_of(groups),
             "{name}: {channels} channels cannot be split into {groups} groups"
         );
         let (gamma, beta) = norm_affine(store, name, channels)?;

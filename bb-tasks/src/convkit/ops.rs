@@ -309,7 +309,7 @@ pub fn group_norm<T: Tape<f32, Cpu>>(
 ) -> Result<Act<T>> {
     let (rows, b) = *x.shape();
     ensure!(
-        groups > 0 && channels % groups == 0,
+        groups > 0 && channels.is_multiple_of(groups),
         "{what}: {channels} channels cannot be split into {groups} groups"
     );
     ensure!(

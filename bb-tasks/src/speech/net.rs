@@ -78,7 +78,7 @@ impl EncoderConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.d_model >= 2, "model.d_model must be >= 2");
         ensure!(
-            self.heads >= 1 && self.d_model % self.heads == 0,
+            self.heads >= 1 && self.d_model.is_multiple_of(self.heads),
             "model.heads ({}) must divide model.d_model ({})",
             self.heads,
             self.d_model
