@@ -129,6 +129,8 @@ pub struct ActuatorScratch {
     pub(crate) keys: Vec<Vec<u64>>,
     pub(crate) hists: Vec<Histogram>,
     pub(crate) thresholds: Vec<u64>,
+    /// Per worker: one row's scores as magnitude bits (the fused SP-in refresh).
+    pub(crate) bits: Vec<Vec<u32>>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.

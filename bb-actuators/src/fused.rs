@@ -108,7 +108,13 @@ fn by_row(key: u64, r: usize) -> u64 {
 
 /// Moves the weights of one row's edges whose bits differ between `old` and `new` words.
 #[inline(always)]
-fn sync_row(old: &[u64], new: &[u64], kl: usize, w: &mut [f32], h: &mut [f32]) -> SyncStats {
+pub(crate) fn sync_row(
+    old: &[u64],
+    new: &[u64],
+    kl: usize,
+    w: &mut [f32],
+    h: &mut [f32],
+) -> SyncStats {
     let mut st = SyncStats::default();
     for (wi, (&a, &b)) in old.iter().zip(new).enumerate() {
         let mut diff = a ^ b;
@@ -130,7 +136,7 @@ fn sync_row(old: &[u64], new: &[u64], kl: usize, w: &mut [f32], h: &mut [f32]) -
     st
 }
 
-fn add(a: SyncStats, b: SyncStats) -> SyncStats {
+pub(crate) fn add(a: SyncStats, b: SyncStats) -> SyncStats {
     SyncStats {
         died: a.died + b.died,
         born: a.born + b.born,
@@ -153,6 +159,17 @@ fn fused_rows(
     let n = workers(shape.edges());
     // Two key buffers per worker: the row's keys, and the selection's scratch.
     ensure_keys(scratch, n, 2 * cols);
+    // And, for plain matrices, the row's scores as bits.
+    if scratch.bits.len() < n {
+        scratch.bits.resize_with(n, Vec::new);
+    }
+    if kl == 1 {
+        for b in &mut scratch.bits[..n] {
+            if b.len() < cols {
+                b.resize(cols, 0);
+            }
+        }
+    }
     let rows_per = shape.out.div_ceil(n);
     let rl = cols * kl;
     let (stats, bad) = mask
@@ -164,25 +181,31 @@ fn fused_rows(
         .zip(
             scratch.keys[..n]
                 .par_iter_mut()
-                .zip(scratch.hists[..n].par_iter_mut()),
+                .zip(scratch.hists[..n].par_iter_mut())
+                .zip(scratch.bits[..n].par_iter_mut()),
         )
         .enumerate()
-        .map(|(b, ((((words, w), h), hints), (keys, hist)))| {
+        .map(|(b, ((((words, w), h), hints), ((keys, hist), bits)))| {
             let (keys, tmp) = keys.split_at_mut(cols);
+            let tmp = &mut tmp[..cols];
+            let r0 = b * rows_per;
+            if kl == 1 {
+                return crate::flat::rows_flat_block(
+                    cols,
+                    targets,
+                    regrow,
+                    r0,
+                    wpr,
+                    words,
+                    w,
+                    h,
+                    (keys, tmp, &mut bits[..cols]),
+                    hist,
+                    hints,
+                );
+            }
             rows_fused_block(
-                cols,
-                kl,
-                targets,
-                regrow,
-                b * rows_per,
-                wpr,
-                words,
-                w,
-                h,
-                keys,
-                &mut tmp[..cols],
-                hist,
-                hints,
+                cols, kl, targets, regrow, r0, wpr, words, w, h, keys, tmp, hist, hints,
             )
         })
         .reduce(

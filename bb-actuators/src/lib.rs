@@ -25,6 +25,7 @@
 
 mod actuator;
 mod error;
+mod flat;
 mod fused;
 mod mask;
 mod select;

@@ -65,7 +65,7 @@ pub fn threshold_key_with(keys: &mut [u64], k: usize, hist: &mut Histogram) -> u
 
 /// The `need`-th largest of `keys` (`1 <= need <= keys.len()`), which all agree above bit
 /// `top`, at least 1.
-fn select_below(keys: &mut [u64], need: usize, top: u32, hist: &mut Histogram) -> u64 {
+pub(crate) fn select_below(keys: &mut [u64], need: usize, top: u32, hist: &mut Histogram) -> u64 {
     let hist = &mut *hist.0;
     let (mut len, mut need, mut top) = (keys.len(), need, top);
     while len > SMALL_SLAB && top > 0 {
@@ -187,7 +187,16 @@ pub fn threshold_key_bracketed(
         Some(t) => t,
         None => threshold_key_preserving(keys, k, hist, tmp),
     };
-    *bracket = if thr <= 1 || thr == u64::MAX {
+    *bracket = bracket_around(thr);
+    thr
+}
+
+/// The bracket remembered around threshold key `thr` (`[0, 0]`, no bracket, for the
+/// select-nothing and select-everything thresholds): a key range whose ends have zero low
+/// halves, so that "key at or above an end" depends on the score alone.
+#[inline(always)]
+pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
+    if thr <= 1 || thr == u64::MAX {
         [0, 0]
     } else {
         // About 1.5 % of the score either side: the score's bits count 2^23 steps per
@@ -198,8 +207,7 @@ pub fn threshold_key_bracketed(
             (score.saturating_sub(margin) << 32).max(1),
             (score + margin + 1) << 32,
         ]
-    };
-    thr
+    }
 }
 
 /// The threshold if the `k`-th largest key lies in `lo..hi`.

@@ -1,9 +1,9 @@
 //! Runs one refresh case repeatedly, for profiling (`perf record`):
 //! `refresh_profile [sp_in|sp_out] [OUT] [IN] [ITERS] [KERNEL, e.g. 3x3]`.
 
+use bb_actuators::{refresh_targets, ActuatorScratch, BitMask, Side};
 use bb_bench::{median_time, random_vec, refresh_pruner, stream_sum};
 use bb_core::EdgeShape;
-use std::time::Instant;
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -17,11 +17,11 @@ fn main() {
     let shape = EdgeShape::conv(out, inp, &kernel);
     let mut w = random_vec(7, shape.weight_len());
     let mut p = refresh_pruner(&shape, act, true, true);
-    let t = Instant::now();
-    for _ in 0..iters {
+    let per = median_time(iters, || {
         std::hint::black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
-    }
-    let per = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    })
+    .as_secs_f64()
+        * 1e3;
     let floor = median_time(iters, || {
         std::hint::black_box(stream_sum(&w));
     })
@@ -30,5 +30,36 @@ fn main() {
     println!(
         "{act} {out}x{inp}: {per:.3} ms per refresh, streaming pass {floor:.3} ms, ratio {:.2}",
         per / floor
+    );
+    // The actuator alone (no policy, no bookkeeping): every slab keeps half its entries.
+    let side = if act == "sp_in" {
+        Side::Rows
+    } else {
+        Side::Columns
+    };
+    let targets = vec![(shape.slab_len(side) / 2) as u32; shape.slabs(side)];
+    let mut w = random_vec(7, shape.weight_len());
+    let mut shadow = vec![0.0f32; w.len()];
+    let mut mask = BitMask::full(shape.out, shape.inp);
+    let (mut scratch, mut hints) = (ActuatorScratch::default(), Vec::new());
+    let raw = median_time(iters, || {
+        let st = refresh_targets(
+            side,
+            &shape,
+            &mut w,
+            &mut shadow,
+            &targets,
+            true,
+            &mut mask,
+            &mut scratch,
+            &mut hints,
+        );
+        std::hint::black_box(st.expect("refresh_targets"));
+    })
+    .as_secs_f64()
+        * 1e3;
+    println!(
+        "{act} {out}x{inp}: refresh_targets alone {raw:.3} ms, ratio {:.2}",
+        raw / floor
     );
 }

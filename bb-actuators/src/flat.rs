@@ -1,0 +1,458 @@
+//! The fused SP-in refresh of plain matrices (one weight per edge), on 32-bit score bits.
+//!
+//! A row's scores are the magnitude bits of its live weights and of its dead edges' shadow
+//! values; as `u32` they order like the scores, and a vector holds twice as many of them as
+//! of the 64-bit selection keys. Each row takes one pass over its weights and shadow values
+//! that writes the score bits and counts them against the row's bracket (the key range its
+//! threshold fell in at the last refresh). When the threshold is still inside, only the
+//! few keys within the bracket are selected among; otherwise the row's 64-bit keys are built
+//! from the bits and selected from scratch. A last pass over the bits (still in cache)
+//! rebuilds the mask words, and the weights of edges that changed state are moved.
+//!
+//! The three per-word loops are [`Kernels`]: portable code that the compiler vectorizes, and
+//! on x86-64 CPUs with AVX-512 a version that reads mask words straight into vector lane
+//! masks. Both give the same bits.
+
+use crate::fused::{add, sync_row};
+use crate::select::{bracket_around, select_below, threshold_key_preserving, Histogram};
+use crate::SyncStats;
+
+/// The per-word loops of the refresh. `word` is a mask word, `w`/`h`/`bits` the (up to 64)
+/// weights, shadow values and score bits of its columns, `c0` its first column.
+trait Kernels {
+    /// Writes the score bits of one word's edges (0 for a non-candidate) and returns
+    /// whether a scored value is non-finite and how many bits are `>= lo` and `>= hi`.
+    fn score(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+    ) -> (bool, u32, u32);
+    /// Which of the word's bits lie in `lo..hi`.
+    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64;
+    /// Which of the word's edges have keys at or above the threshold with score bits `ts`
+    /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
+    fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
+}
+
+/// Plain loops, vectorized by the compiler for whatever the build targets.
+struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    fn score(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+    ) -> (bool, u32, u32) {
+        let all = u32::from(regrow).wrapping_neg();
+        let (mut bad, mut above_lo, mut above_hi) = (0u32, 0u32, 0u32);
+        for (half, ((bh, wh), hh)) in bits
+            .chunks_mut(32)
+            .zip(w.chunks(32))
+            .zip(h.chunks(32))
+            .enumerate()
+        {
+            let live32 = (word >> (32 * half)) as u32;
+            for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
+                let live = ((live32 >> b) & 1).wrapping_neg();
+                let v = (x.to_bits() & live) | (y.to_bits() & !live);
+                bad |= u32::from(v & 0x7f80_0000 == 0x7f80_0000);
+                let s = v & 0x7fff_ffff & (live | all);
+                *o = s;
+                above_lo += u32::from(s >= lo);
+                above_hi += u32::from(s >= hi);
+            }
+        }
+        (bad != 0, above_lo, above_hi)
+    }
+
+    #[inline(always)]
+    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64 {
+        let mut m = 0u64;
+        for (b, &s) in bits.iter().enumerate() {
+            m |= u64::from((s >= lo) & (s < hi)) << b;
+        }
+        m
+    }
+
+    #[inline(always)]
+    fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64 {
+        let mut sel = 0u64;
+        for (half, bh) in bits.chunks(32).enumerate() {
+            let mut m = 0u32;
+            for (b, &s) in bh.iter().enumerate() {
+                let c = c0 + (32 * half + b) as u32;
+                m |= u32::from((s > ts) | ((s == ts) & (c <= ti))) << b;
+            }
+            sel |= u64::from(m) << (32 * half);
+        }
+        sel
+    }
+}
+
+/// AVX-512 versions: a mask word's 16-bit quarters are the lane masks of four vectors.
+/// Only called from code compiled with `avx512f` (see [`rows_flat_block`]); partial words
+/// (the end of a row whose length is not a multiple of 64) go to [`Portable`].
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Kernels for Avx512 {
+    #[inline(always)]
+    fn score(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+    ) -> (bool, u32, u32) {
+        use std::arch::x86_64::*;
+        if w.len() < 64 || h.len() < 64 || bits.len() < 64 {
+            return Portable::score(word, w, h, regrow, lo, hi, bits);
+        }
+        let cand = if regrow { u64::MAX } else { word };
+        let (mut bad, mut above_lo, mut above_hi) = (0u16, 0u32, 0u32);
+        // SAFETY: the three slices hold at least 64 values (checked above), so every load
+        // and store below is in bounds; the CPU supports AVX-512F (the caller's contract).
+        unsafe {
+            let exp = _mm512_set1_epi32(0x7f80_0000);
+            let abs = _mm512_set1_epi32(0x7fff_ffff);
+            let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+            for q in 0..4 {
+                let live = (word >> (16 * q)) as u16;
+                let c = (cand >> (16 * q)) as u16;
+                let x = _mm512_loadu_epi32(w.as_ptr().add(16 * q).cast());
+                let y = _mm512_loadu_epi32(h.as_ptr().add(16 * q).cast());
+                let v = _mm512_mask_blend_epi32(live, y, x);
+                bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
+                let s = _mm512_maskz_and_epi32(c, v, abs);
+                _mm512_storeu_epi32(bits.as_mut_ptr().add(16 * q).cast(), s);
+                above_lo += _mm512_cmpge_epu32_mask(s, vlo).count_ones();
+                above_hi += _mm512_cmpge_epu32_mask(s, vhi).count_ones();
+            }
+        }
+        (bad != 0, above_lo, above_hi)
+    }
+
+    #[inline(always)]
+    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64 {
+        use std::arch::x86_64::*;
+        if bits.len() < 64 {
+            return Portable::in_range(bits, lo, hi);
+        }
+        let mut m = 0u64;
+        // SAFETY: `bits` holds at least 64 values; AVX-512F is the caller's contract.
+        unsafe {
+            let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+            for q in 0..4 {
+                let s = _mm512_loadu_epi32(bits.as_ptr().add(16 * q).cast());
+                let k = _mm512_mask_cmplt_epu32_mask(_mm512_cmpge_epu32_mask(s, vlo), s, vhi);
+                m |= u64::from(k) << (16 * q);
+            }
+        }
+        m
+    }
+
+    #[inline(always)]
+    fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64 {
+        use std::arch::x86_64::*;
+        if bits.len() < 64 {
+            return Portable::select(bits, c0, ts, ti);
+        }
+        let mut sel = 0u64;
+        // SAFETY: `bits` holds at least 64 values; AVX-512F is the caller's contract.
+        unsafe {
+            let (vts, vti) = (_mm512_set1_epi32(ts as i32), _mm512_set1_epi32(ti as i32));
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for q in 0..4 {
+                let s = _mm512_loadu_epi32(bits.as_ptr().add(16 * q).cast());
+                let c = _mm512_add_epi32(_mm512_set1_epi32((c0 + 16 * q as u32) as i32), iota);
+                let eq = _mm512_cmpeq_epi32_mask(s, vts);
+                let k = _mm512_cmpgt_epu32_mask(s, vts) | _mm512_mask_cmple_epu32_mask(eq, c, vti);
+                sel |= u64::from(k) << (16 * q);
+            }
+        }
+        sel
+    }
+}
+
+/// Refreshes rows `r0..` of a plain `[rows, cols]` matrix: mask words `words` (`wpr` per
+/// row), weights `w`, shadow `h`, each row to `targets[r]` edges. `buffers` are a worker's
+/// key buffer, selection scratch and score bits (each at least `cols` long). Returns the
+/// stats and the first row left alone for a non-finite score.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_flat_block(
+    cols: usize,
+    targets: &[u32],
+    regrow: bool,
+    r0: usize,
+    wpr: usize,
+    words: &mut [u64],
+    w: &mut [f32],
+    h: &mut [f32],
+    buffers: (&mut [u64], &mut [u64], &mut [u32]),
+    hist: &mut Histogram,
+    hints: &mut [u64],
+) -> (SyncStats, Option<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn widest(
+            cols: usize,
+            targets: &[u32],
+            regrow: bool,
+            r0: usize,
+            wpr: usize,
+            words: &mut [u64],
+            w: &mut [f32],
+            h: &mut [f32],
+            buffers: (&mut [u64], &mut [u64], &mut [u32]),
+            hist: &mut Histogram,
+            hints: &mut [u64],
+        ) -> (SyncStats, Option<usize>) {
+            flat_rows::<Avx512>(
+                cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
+            )
+        }
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+            // SAFETY: `widest` only needs the CPU features checked just above.
+            return unsafe {
+                widest(
+                    cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
+                )
+            };
+        }
+    }
+    portable_rows(
+        cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
+    )
+}
+
+crate::multiversion! {
+    /// [`flat_rows`] with the portable kernels, compiled for the baseline and AVX2.
+    #[allow(clippy::too_many_arguments)]
+    fn portable_rows(
+        cols: usize,
+        targets: &[u32],
+        regrow: bool,
+        r0: usize,
+        wpr: usize,
+        words: &mut [u64],
+        w: &mut [f32],
+        h: &mut [f32],
+        buffers: (&mut [u64], &mut [u64], &mut [u32]),
+        hist: &mut Histogram,
+        hints: &mut [u64],
+    ) -> (SyncStats, Option<usize>) {
+        flat_rows::<Portable>(cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn flat_rows<K: Kernels>(
+    cols: usize,
+    targets: &[u32],
+    regrow: bool,
+    r0: usize,
+    wpr: usize,
+    words: &mut [u64],
+    w: &mut [f32],
+    h: &mut [f32],
+    buffers: (&mut [u64], &mut [u64], &mut [u32]),
+    hist: &mut Histogram,
+    hints: &mut [u64],
+) -> (SyncStats, Option<usize>) {
+    let (keys, tmp, bits) = buffers;
+    let bits = &mut bits[..cols];
+    let mut st = SyncStats::default();
+    let mut bad = None;
+    let all = u64::from(regrow).wrapping_neg();
+    let mut new = [0u64; 64];
+    for (i, ((mw, wr), hr)) in words
+        .chunks_mut(wpr)
+        .zip(w.chunks_mut(cols))
+        .zip(h.chunks_mut(cols))
+        .enumerate()
+    {
+        let r = r0 + i;
+        let k = targets[r] as usize;
+        let bracket: &mut [u64; 2] = (&mut hints[2 * i..2 * i + 2]).try_into().expect("two");
+        // The bracket's ends have zero low halves (see `bracket_around`), so for a
+        // candidate "key >= end" is "score bits >= the end's high half". A zero lower end
+        // would also count the non-candidates (bits 0): such a bracket is not used.
+        let (slo, shi) = ((bracket[0] >> 32) as u32, (bracket[1] >> 32) as u32);
+        let usable = slo > 0 && slo < shi && k > 0 && k < cols;
+        let (slo, shi) = if usable {
+            (slo, shi)
+        } else {
+            (u32::MAX, u32::MAX)
+        };
+        let (mut non_finite, mut above_lo, mut above_hi) = (false, 0usize, 0usize);
+        for (&word, ((bc, wc), hc)) in mw
+            .iter()
+            .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
+        {
+            let (b, lo, hi) = K::score(word, wc, hc, regrow, slo, shi, bc);
+            non_finite |= b;
+            above_lo += lo as usize;
+            above_hi += hi as usize;
+        }
+        if non_finite {
+            bad.get_or_insert(r);
+            continue;
+        }
+        let thr = if usable && above_hi < k && k <= above_lo {
+            // The keys inside the bracket, in index order.
+            let mut n = 0;
+            for (wi, bc) in bits.chunks(64).enumerate() {
+                let mut m = K::in_range(bc, slo, shi);
+                while m != 0 {
+                    let c = wi * 64 + m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    tmp[n] = (u64::from(bits[c]) << 32) | (u64::from(u32::MAX) - c as u64);
+                    n += 1;
+                }
+            }
+            let need = k - above_hi;
+            let score = tmp[0] >> 32;
+            if tmp[..n].iter().fold(0, |d, &key| d | ((key >> 32) ^ score)) == 0 {
+                tmp[need - 1]
+            } else {
+                select_below(&mut tmp[..n], need, 63, hist)
+            }
+        } else {
+            for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
+                let cand = word | all;
+                for (b, (key, &s)) in kc.iter_mut().zip(&bits[wi * 64..]).enumerate() {
+                    let c = (wi * 64 + b) as u64;
+                    let full = (u64::from(s) << 32) | (u64::from(u32::MAX) - c);
+                    *key = full & ((cand >> b) & 1).wrapping_neg();
+                }
+            }
+            threshold_key_preserving(&keys[..cols], k, hist, tmp)
+        };
+        *bracket = bracket_around(thr);
+        let ts = (thr >> 32) as u32;
+        let ti = (u64::from(u32::MAX) - (thr & u64::from(u32::MAX))) as u32;
+        // Mask words are rebuilt in blocks of up to 64 words (4096 columns), each block
+        // synced against the old words before they are overwritten.
+        for (blk, (ow, bb)) in mw.chunks_mut(64).zip(bits.chunks(64 * 64)).enumerate() {
+            let nw = &mut new[..ow.len()];
+            for (wi, ((x, bc), &old)) in nw.iter_mut().zip(bb.chunks(64)).zip(ow.iter()).enumerate()
+            {
+                let c0 = ((blk * 64 + wi) * 64) as u32;
+                *x = K::select(bc, c0, ts, ti) & (old | all);
+            }
+            let off = blk * 64 * 64;
+            st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
+            ow.copy_from_slice(nw);
+        }
+    }
+    (st, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so that the test needs no dependency.
+    fn lcg(state: &mut u64) -> u32 {
+        *state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*state >> 33) as u32
+    }
+
+    /// Rows with ties, zeros and a tail word, refreshed twice (so that the second pass
+    /// starts from brackets): the AVX-512 kernels (where the CPU has them) and the portable
+    /// ones give the same masks, weights, shadow, stats and hints.
+    #[test]
+    fn every_kernel_set_gives_the_same_rows() {
+        let (rows, cols) = (9usize, 1000usize);
+        let wpr = cols.div_ceil(64);
+        let mut s = 7u64;
+        let mut w: Vec<f32> = (0..rows * cols)
+            .map(|_| match lcg(&mut s) % 4 {
+                0 => 0.0,
+                1 => 0.5,
+                _ => (lcg(&mut s) % 1000) as f32 / 1000.0 - 0.5,
+            })
+            .collect();
+        let h: Vec<f32> = w.iter().map(|x| x * 0.75).collect();
+        let words: Vec<u64> = (0..rows * wpr)
+            .map(|i| {
+                let x = (u64::from(lcg(&mut s)) << 32) | u64::from(lcg(&mut s));
+                if (i + 1) % wpr == 0 {
+                    x & ((1u64 << (cols % 64)) - 1)
+                } else {
+                    x
+                }
+            })
+            .collect();
+        for (i, x) in w.iter_mut().enumerate() {
+            if words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64) & 1 == 0 {
+                *x = 0.0;
+            }
+        }
+        let targets: Vec<u32> = (0..rows).map(|r| (r * 120) as u32).collect();
+        let run = |avx: bool, regrow: bool| {
+            let (mut words, mut w, mut h) = (words.clone(), w.clone(), h.clone());
+            let (mut keys, mut tmp, mut bits) = (vec![0; cols], vec![0; cols], vec![0; cols]);
+            let (mut hist, mut hints) = (Histogram::default(), vec![0u64; 2 * rows]);
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let args = (&mut keys[..], &mut tmp[..], &mut bits[..]);
+                #[cfg(target_arch = "x86_64")]
+                let res = if avx {
+                    flat_rows::<Avx512>(
+                        cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args,
+                        &mut hist, &mut hints,
+                    )
+                } else {
+                    flat_rows::<Portable>(
+                        cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args,
+                        &mut hist, &mut hints,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let res = flat_rows::<Portable>(
+                    cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args, &mut hist,
+                    &mut hints,
+                );
+                out.push((res, words.clone(), hints.clone()));
+                // Drift the weights a little between the passes.
+                for x in &mut w {
+                    *x *= 1.001;
+                }
+            }
+            let wb: Vec<u32> = w.iter().map(|x| x.to_bits()).collect();
+            let hb: Vec<u32> = h.iter().map(|x| x.to_bits()).collect();
+            (out, wb, hb)
+        };
+        let avx = cfg!(target_arch = "x86_64")
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl");
+        for regrow in [true, false] {
+            let portable = run(false, regrow);
+            assert!(
+                portable.0[1].2.iter().any(|&x| x != 0),
+                "brackets were kept"
+            );
+            if avx {
+                assert_eq!(run(true, regrow), portable, "regrow {regrow}");
+            }
+        }
+    }
+}
