@@ -131,6 +131,10 @@ pub struct ActuatorScratch {
     pub(crate) thresholds: Vec<u64>,
     /// Per worker: one row's scores as magnitude bits (the fused SP-in refresh).
     pub(crate) bits: Vec<Vec<u32>>,
+    /// Per column: SP-out's bracket ends, then its thresholds split into two halves.
+    pub(crate) cut: Vec<u32>,
+    /// Per worker: SP-out's column counts and bracket keys.
+    pub(crate) columns: Vec<crate::flat::ColumnScratch>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.

@@ -13,9 +13,11 @@
 //! on x86-64 CPUs with AVX-512 a version that reads mask words straight into vector lane
 //! masks. Both give the same bits.
 
+use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
 use crate::select::{bracket_around, select_below, threshold_key_preserving, Histogram};
 use crate::SyncStats;
+use rayon::prelude::*;
 
 /// The per-word loops of the refresh. `word` is a mask word, `w`/`h`/`bits` the (up to 64)
 /// weights, shadow values and score bits of its columns, `c0` its first column.
@@ -36,6 +38,40 @@ trait Kernels {
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
+    /// Columns: scores one word of row `r` into `bits`, adds each column's "bits >= lo[j]"
+    /// and "bits >= hi[j]" to its counters, and returns whether a scored value is
+    /// non-finite and which columns lie in their `lo[j]..hi[j]`.
+    #[allow(clippy::too_many_arguments)]
+    fn count_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: &[u32],
+        hi: &[u32],
+        counts: (&mut [u32], &mut [u32]),
+        bits: &mut [u32; 64],
+    ) -> (bool, u64);
+    /// Columns: the new mask word of row `r`, each column `j` against its own threshold
+    /// (score bits `ts[j]`, row `ti[j]`).
+    #[allow(clippy::too_many_arguments)]
+    fn select_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        r: u32,
+        ts: &[u32],
+        ti: &[u32],
+    ) -> u64;
+}
+
+/// The score bits of an edge from its live bit (all ones or zero), weight and shadow
+/// value, and whether the value scored is non-finite; 0 for a non-candidate.
+#[inline(always)]
+fn lane(live: u32, cand: u32, x: f32, y: f32) -> (u32, bool) {
+    let v = (x.to_bits() & live) | (y.to_bits() & !live);
+    (v & 0x7fff_ffff & cand, v & 0x7f80_0000 == 0x7f80_0000)
 }
 
 /// Plain loops, vectorized by the compiler for whatever the build targets.
@@ -63,9 +99,8 @@ impl Kernels for Portable {
             let live32 = (word >> (32 * half)) as u32;
             for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
                 let live = ((live32 >> b) & 1).wrapping_neg();
-                let v = (x.to_bits() & live) | (y.to_bits() & !live);
-                bad |= u32::from(v & 0x7f80_0000 == 0x7f80_0000);
-                let s = v & 0x7fff_ffff & (live | all);
+                let (s, nf) = lane(live, live | all, x, y);
+                bad |= u32::from(nf);
                 *o = s;
                 above_lo += u32::from(s >= lo);
                 above_hi += u32::from(s >= hi);
@@ -95,6 +130,71 @@ impl Kernels for Portable {
             sel |= u64::from(m) << (32 * half);
         }
         sel
+    }
+
+    #[inline(always)]
+    fn count_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: &[u32],
+        hi: &[u32],
+        counts: (&mut [u32], &mut [u32]),
+        bits: &mut [u32; 64],
+    ) -> (bool, u64) {
+        let all = u32::from(regrow).wrapping_neg();
+        let (cl, ch) = counts;
+        let (mut bad, mut inr) = (0u32, 0u64);
+        for (half, range) in [(0, 0..32), (1, 32..64)] {
+            let end = range.end.min(w.len());
+            if range.start >= end {
+                break;
+            }
+            let live32 = (word >> (32 * half)) as u32;
+            let mut m = 0u32;
+            for (b, c) in (range.start..end).enumerate() {
+                let live = ((live32 >> b) & 1).wrapping_neg();
+                let (s, nf) = lane(live, live | all, w[c], h[c]);
+                bad |= u32::from(nf);
+                bits[c] = s;
+                let (a, z) = (s >= lo[c], s >= hi[c]);
+                cl[c] += u32::from(a);
+                ch[c] += u32::from(z);
+                m |= u32::from(a & !z) << b;
+            }
+            inr |= u64::from(m) << (32 * half);
+        }
+        (bad != 0, inr)
+    }
+
+    #[inline(always)]
+    fn select_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        r: u32,
+        ts: &[u32],
+        ti: &[u32],
+    ) -> u64 {
+        let all = u32::from(regrow).wrapping_neg();
+        let mut sel = 0u64;
+        for (half, range) in [(0, 0..32), (1, 32..64)] {
+            let end = range.end.min(w.len());
+            if range.start >= end {
+                break;
+            }
+            let live32 = (word >> (32 * half)) as u32;
+            let mut m = 0u32;
+            for (b, c) in (range.start..end).enumerate() {
+                let live = ((live32 >> b) & 1).wrapping_neg();
+                let (s, _) = lane(live, live | all, w[c], h[c]);
+                m |= u32::from((s > ts[c]) | ((s == ts[c]) & (r <= ti[c]))) << b;
+            }
+            sel |= u64::from(m) << (32 * half);
+        }
+        sel & (word | u64::from(regrow).wrapping_neg())
     }
 }
 
@@ -184,65 +284,141 @@ impl Kernels for Avx512 {
         }
         sel
     }
-}
 
-/// Refreshes rows `r0..` of a plain `[rows, cols]` matrix: mask words `words` (`wpr` per
-/// row), weights `w`, shadow `h`, each row to `targets[r]` edges. `buffers` are a worker's
-/// key buffer, selection scratch and score bits (each at least `cols` long). Returns the
-/// stats and the first row left alone for a non-finite score.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_flat_block(
-    cols: usize,
-    targets: &[u32],
-    regrow: bool,
-    r0: usize,
-    wpr: usize,
-    words: &mut [u64],
-    w: &mut [f32],
-    h: &mut [f32],
-    buffers: (&mut [u64], &mut [u64], &mut [u32]),
-    hist: &mut Histogram,
-    hints: &mut [u64],
-) -> (SyncStats, Option<usize>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn widest(
-            cols: usize,
-            targets: &[u32],
-            regrow: bool,
-            r0: usize,
-            wpr: usize,
-            words: &mut [u64],
-            w: &mut [f32],
-            h: &mut [f32],
-            buffers: (&mut [u64], &mut [u64], &mut [u32]),
-            hist: &mut Histogram,
-            hints: &mut [u64],
-        ) -> (SyncStats, Option<usize>) {
-            flat_rows::<Avx512>(
-                cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
-            )
+    #[inline(always)]
+    fn count_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: &[u32],
+        hi: &[u32],
+        counts: (&mut [u32], &mut [u32]),
+        bits: &mut [u32; 64],
+    ) -> (bool, u64) {
+        use std::arch::x86_64::*;
+        let (cl, ch) = counts;
+        if [w.len(), h.len(), lo.len(), hi.len(), cl.len(), ch.len()]
+            .iter()
+            .any(|&n| n < 64)
+        {
+            return Portable::count_columns(word, w, h, regrow, lo, hi, (cl, ch), bits);
         }
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-            // SAFETY: `widest` only needs the CPU features checked just above.
-            return unsafe {
-                widest(
-                    cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
-                )
-            };
+        let cand = if regrow { u64::MAX } else { word };
+        let (mut bad, mut inr) = (0u16, 0u64);
+        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F is the
+        // caller's contract.
+        unsafe {
+            let exp = _mm512_set1_epi32(0x7f80_0000);
+            let abs = _mm512_set1_epi32(0x7fff_ffff);
+            let one = _mm512_set1_epi32(1);
+            for q in 0..4 {
+                let at = 16 * q;
+                let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+                let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+                let v = _mm512_mask_blend_epi32((word >> at) as u16, y, x);
+                bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
+                let sv = _mm512_maskz_and_epi32((cand >> at) as u16, v, abs);
+                _mm512_storeu_epi32(bits.as_mut_ptr().add(at).cast(), sv);
+                let a = _mm512_cmpge_epu32_mask(sv, _mm512_loadu_epi32(lo.as_ptr().add(at).cast()));
+                let z = _mm512_cmpge_epu32_mask(sv, _mm512_loadu_epi32(hi.as_ptr().add(at).cast()));
+                let pl = cl.as_mut_ptr().add(at).cast();
+                _mm512_storeu_epi32(
+                    pl,
+                    _mm512_mask_add_epi32(_mm512_loadu_epi32(pl), a, _mm512_loadu_epi32(pl), one),
+                );
+                let ph = ch.as_mut_ptr().add(at).cast();
+                _mm512_storeu_epi32(
+                    ph,
+                    _mm512_mask_add_epi32(_mm512_loadu_epi32(ph), z, _mm512_loadu_epi32(ph), one),
+                );
+                inr |= u64::from(a & !z) << at;
+            }
         }
+        (bad != 0, inr)
     }
-    portable_rows(
-        cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints,
-    )
+
+    #[inline(always)]
+    fn select_columns(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        r: u32,
+        ts: &[u32],
+        ti: &[u32],
+    ) -> u64 {
+        use std::arch::x86_64::*;
+        if [w.len(), h.len(), ts.len(), ti.len()]
+            .iter()
+            .any(|&n| n < 64)
+        {
+            return Portable::select_columns(word, w, h, regrow, r, ts, ti);
+        }
+        let mut sel = 0u64;
+        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F is the
+        // caller's contract.
+        unsafe {
+            let abs = _mm512_set1_epi32(0x7fff_ffff);
+            let vr = _mm512_set1_epi32(r as i32);
+            for q in 0..4 {
+                let at = 16 * q;
+                let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+                let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+                let v = _mm512_mask_blend_epi32((word >> at) as u16, y, x);
+                let sv = _mm512_and_si512(v, abs);
+                let t = _mm512_loadu_epi32(ts.as_ptr().add(at).cast());
+                let eq = _mm512_cmpeq_epi32_mask(sv, t);
+                let tie = _mm512_mask_cmple_epu32_mask(
+                    eq,
+                    vr,
+                    _mm512_loadu_epi32(ti.as_ptr().add(at).cast()),
+                );
+                sel |= u64::from(_mm512_cmpgt_epu32_mask(sv, t) | tie) << at;
+            }
+        }
+        sel & (word | u64::from(regrow).wrapping_neg())
+    }
 }
 
-crate::multiversion! {
-    /// [`flat_rows`] with the portable kernels, compiled for the baseline and AVX2.
-    #[allow(clippy::too_many_arguments)]
-    fn portable_rows(
+/// Defines `pub(crate) fn $name(args) -> ret` running `$inner::<Avx512>` on CPUs with
+/// AVX-512 and `$inner::<Portable>` (compiled for the baseline and AVX2) elsewhere.
+macro_rules! kernel_entry {
+    ($(#[$m:meta])* fn $name:ident = $inner:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn widest($($arg: $ty),*) -> $ret {
+                    $inner::<Avx512>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: `widest` only needs the CPU features checked just above.
+                    return unsafe { widest($($arg),*) };
+                }
+            }
+            crate::multiversion! {
+                #[allow(clippy::too_many_arguments)]
+                fn portable($($arg: $ty),*) -> $ret {
+                    $inner::<Portable>($($arg),*)
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+kernel_entry! {
+    /// Refreshes rows `r0..` of a plain `[rows, cols]` matrix: mask words `words` (`wpr` per
+    /// row), weights `w`, shadow `h`, each row to `targets[r]` edges. `buffers` are a
+    /// worker's key buffer, selection scratch and score bits (each at least `cols` long).
+    /// Returns the stats and the first row left alone for a non-finite score.
+    fn rows_flat_block = flat_rows(
         cols: usize,
         targets: &[u32],
         regrow: bool,
@@ -254,9 +430,7 @@ crate::multiversion! {
         buffers: (&mut [u64], &mut [u64], &mut [u32]),
         hist: &mut Histogram,
         hints: &mut [u64],
-    ) -> (SyncStats, Option<usize>) {
-        flat_rows::<Portable>(cols, targets, regrow, r0, wpr, words, w, h, buffers, hist, hints)
-    }
+    ) -> (SyncStats, Option<usize>)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -325,13 +499,7 @@ fn flat_rows<K: Kernels>(
                     n += 1;
                 }
             }
-            let need = k - above_hi;
-            let score = tmp[0] >> 32;
-            if tmp[..n].iter().fold(0, |d, &key| d | ((key >> 32) ^ score)) == 0 {
-                tmp[need - 1]
-            } else {
-                select_below(&mut tmp[..n], need, 63, hist)
-            }
+            pick(&mut tmp[..n], k - above_hi, hist)
         } else {
             for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
                 let cand = word | all;
@@ -344,8 +512,7 @@ fn flat_rows<K: Kernels>(
             threshold_key_preserving(&keys[..cols], k, hist, tmp)
         };
         *bracket = bracket_around(thr);
-        let ts = (thr >> 32) as u32;
-        let ti = (u64::from(u32::MAX) - (thr & u64::from(u32::MAX))) as u32;
+        let (ts, ti) = split_threshold(thr);
         // Mask words are rebuilt in blocks of up to 64 words (4096 columns), each block
         // synced against the old words before they are overwritten.
         for (blk, (ow, bb)) in mw.chunks_mut(64).zip(bits.chunks(64 * 64)).enumerate() {
@@ -455,4 +622,272 @@ mod tests {
             }
         }
     }
+}
+
+/// The `need`-th largest of `keys`, the keys found inside a bracket in index order.
+#[inline(always)]
+fn pick(keys: &mut [u64], need: usize, hist: &mut Histogram) -> u64 {
+    // Keys of equal scores, gathered in index order, are already in descending key order.
+    let score = keys[0] >> 32;
+    if keys.iter().fold(0, |d, &key| d | ((key >> 32) ^ score)) == 0 {
+        keys[need - 1]
+    } else {
+        select_below(keys, need, 63, hist)
+    }
+}
+
+/// Keys a column can keep from one worker's rows inside its bracket; a column with more
+/// is selected from scratch.
+const LIST_CAP: usize = 96;
+
+/// One worker's buffers for [`column_brackets`].
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ColumnScratch {
+    /// Per column, over the worker's rows: how many score bits reach the bracket's low
+    /// end, how many reach its high end, and how many lie inside (all `cols` long).
+    counts: Vec<u32>,
+    /// Per column, the first [`LIST_CAP`] keys inside its bracket, in row order.
+    lists: Vec<u64>,
+    /// The first row with a non-finite score.
+    bad: Option<usize>,
+}
+
+/// SP-out on a plain `[rows, cols]` matrix, first pass: one streaming pass over the rows
+/// counts every column's scores against its remembered bracket and keeps the few keys
+/// inside. Each column whose threshold is still in its bracket gets it in `thresholds`
+/// (and a new bracket in `hints`); the others are left at 0 for a selection from scratch.
+/// Returns the first row with a non-finite score (nothing is written to the layer).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn column_brackets(
+    rows: usize,
+    cols: usize,
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    targets: &[u32],
+    regrow: bool,
+    hints: &mut [u64],
+    scratch: &mut ActuatorScratch,
+) -> Result<(), usize> {
+    let wpr = cols.div_ceil(64);
+    let cut = &mut scratch.cut;
+    cut.clear();
+    cut.resize(2 * cols, u32::MAX);
+    let mut any = false;
+    for (c, (hint, &k)) in hints.chunks_exact(2).zip(targets).enumerate() {
+        // As for rows: the ends have zero low halves, and a zero low end is not used.
+        let (lo, hi) = ((hint[0] >> 32) as u32, (hint[1] >> 32) as u32);
+        if lo > 0 && lo < hi && k > 0 && (k as usize) < rows {
+            (cut[c], cut[cols + c]) = (lo, hi);
+            any = true;
+        }
+    }
+    if !any {
+        return Ok(());
+    }
+    let n = workers(rows * cols);
+    let rows_per = rows.div_ceil(n);
+    let used = rows.div_ceil(rows_per);
+    if scratch.columns.len() < used {
+        scratch.columns.resize_with(used, ColumnScratch::default);
+    }
+    let cut = &scratch.cut;
+    words
+        .par_chunks(rows_per * wpr)
+        .zip(w.par_chunks(rows_per * cols))
+        .zip(h.par_chunks(rows_per * cols))
+        .zip(scratch.columns[..used].par_iter_mut())
+        .enumerate()
+        .for_each(|(b, (((mw, wr), hr), cs))| {
+            count_columns_block(cols, b * rows_per, regrow, mw, wr, hr, cut, cs);
+        });
+    let columns = &scratch.columns[..used];
+    if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
+        return Err(r);
+    }
+    let cols_per = cols.div_ceil(n);
+    scratch
+        .thresholds
+        .par_chunks_mut(cols_per)
+        .zip(hints.par_chunks_mut(2 * cols_per))
+        .zip(
+            scratch.keys[..n]
+                .par_iter_mut()
+                .zip(scratch.hists[..n].par_iter_mut()),
+        )
+        .enumerate()
+        .for_each(|(b, ((thr, hints), (tmp, hist)))| {
+            for (j, (t, hint)) in thr.iter_mut().zip(hints.chunks_exact_mut(2)).enumerate() {
+                let c = b * cols_per + j;
+                if cut[c] == u32::MAX {
+                    continue;
+                }
+                let k = targets[c] as usize;
+                let (mut above_lo, mut above_hi, mut full) = (0usize, 0usize, false);
+                for cs in columns {
+                    above_lo += cs.counts[c] as usize;
+                    above_hi += cs.counts[cols + c] as usize;
+                    full |= cs.counts[2 * cols + c] as usize > LIST_CAP;
+                }
+                if full || !(above_hi < k && k <= above_lo) {
+                    continue;
+                }
+                let mut len = 0;
+                for cs in columns {
+                    let l = cs.counts[2 * cols + c] as usize;
+                    tmp[len..len + l].copy_from_slice(&cs.lists[c * LIST_CAP..c * LIST_CAP + l]);
+                    len += l;
+                }
+                *t = pick(&mut tmp[..len], k - above_hi, hist);
+                hint.copy_from_slice(&bracket_around(*t));
+            }
+        });
+    Ok(())
+}
+
+kernel_entry! {
+    /// [`column_brackets`]' pass over rows `r0..` (mask words `words`, weights `w`, shadow
+    /// `h`), with the columns' bracket ends in `cut` (`[lo; cols]` then `[hi; cols]`).
+    fn count_columns_block = count_columns_rows(
+        cols: usize,
+        r0: usize,
+        regrow: bool,
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
+        cut: &[u32],
+        cs: &mut ColumnScratch,
+    ) -> ()
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn count_columns_rows<K: Kernels>(
+    cols: usize,
+    r0: usize,
+    regrow: bool,
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    cut: &[u32],
+    cs: &mut ColumnScratch,
+) {
+    let wpr = cols.div_ceil(64);
+    let (lo, hi) = cut.split_at(cols);
+    cs.counts.clear();
+    cs.counts.resize(3 * cols, 0);
+    if cs.lists.len() < cols * LIST_CAP {
+        cs.lists.resize(cols * LIST_CAP, 0);
+    }
+    cs.bad = None;
+    let (cl, rest) = cs.counts.split_at_mut(cols);
+    let (ch, lens) = rest.split_at_mut(cols);
+    let mut bits = [0u32; 64];
+    for (i, ((mw, wr), hr)) in words
+        .chunks(wpr)
+        .zip(w.chunks(cols))
+        .zip(h.chunks(cols))
+        .enumerate()
+    {
+        let r = r0 + i;
+        for (wi, &word) in mw.iter().enumerate() {
+            let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+            let (bad, mut inside) = K::count_columns(
+                word,
+                &wr[c0..c1],
+                &hr[c0..c1],
+                regrow,
+                &lo[c0..c1],
+                &hi[c0..c1],
+                (&mut cl[c0..c1], &mut ch[c0..c1]),
+                &mut bits,
+            );
+            if bad {
+                cs.bad = Some(r);
+                return;
+            }
+            while inside != 0 {
+                let j = inside.trailing_zeros() as usize;
+                inside &= inside - 1;
+                let c = c0 + j;
+                let n = lens[c] as usize;
+                if n < LIST_CAP {
+                    cs.lists[c * LIST_CAP + n] =
+                        (u64::from(bits[j]) << 32) | (u64::from(u32::MAX) - r as u64);
+                }
+                lens[c] = lens[c].saturating_add(1);
+            }
+        }
+    }
+}
+
+kernel_entry! {
+    /// SP-out's last pass on rows `r0..` of a plain matrix: every mask word rebuilt against
+    /// the columns' thresholds (`cut`: score bits `[ts; cols]`, then rows `[ti; cols]`), and
+    /// the weights of edges that changed state moved.
+    fn rebuild_columns_block = rebuild_columns_rows(
+        cols: usize,
+        r0: usize,
+        regrow: bool,
+        cut: &[u32],
+        words: &mut [u64],
+        w: &mut [f32],
+        h: &mut [f32],
+    ) -> SyncStats
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rebuild_columns_rows<K: Kernels>(
+    cols: usize,
+    r0: usize,
+    regrow: bool,
+    cut: &[u32],
+    words: &mut [u64],
+    w: &mut [f32],
+    h: &mut [f32],
+) -> SyncStats {
+    let wpr = cols.div_ceil(64);
+    let (ts, ti) = cut.split_at(cols);
+    let mut st = SyncStats::default();
+    for (i, ((mw, wr), hr)) in words
+        .chunks_mut(wpr)
+        .zip(w.chunks_mut(cols))
+        .zip(h.chunks_mut(cols))
+        .enumerate()
+    {
+        let r = (r0 + i) as u32;
+        for (wi, ow) in mw.iter_mut().enumerate() {
+            let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+            let old = *ow;
+            let new = K::select_columns(
+                old,
+                &wr[c0..c1],
+                &hr[c0..c1],
+                regrow,
+                r,
+                &ts[c0..c1],
+                &ti[c0..c1],
+            );
+            if new != old {
+                st = add(
+                    st,
+                    sync_row(&[old], &[new], 1, &mut wr[c0..c1], &mut hr[c0..c1]),
+                );
+                *ow = new;
+            }
+        }
+    }
+    st
+}
+
+/// The selection rule of a threshold key as (score bits, last index kept at those bits):
+/// a key `(bits, u32::MAX - i)` reaches `thr` when its bits exceed the first, or equal it
+/// with `i` at most the second.
+#[inline(always)]
+pub(crate) fn split_threshold(thr: u64) -> (u32, u32) {
+    (
+        (thr >> 32) as u32,
+        (u64::from(u32::MAX) - (thr & u64::from(u32::MAX))) as u32,
+    )
 }

@@ -310,7 +310,24 @@ fn fused_columns(
     let n = workers(shape.edges());
     // A strip's keys, and the selection's scratch.
     ensure_keys(scratch, n, (COLUMN_BLOCK + 1) * rows);
+    // 0 marks a column whose threshold is still to be selected.
+    scratch.thresholds.clear();
     scratch.thresholds.resize(cols, 0);
+    if kl == 1 {
+        // Plain matrices: columns whose thresholds stayed in their brackets are done in one
+        // streaming pass; only the others are gathered below.
+        crate::flat::column_brackets(
+            rows,
+            cols,
+            mask.words(),
+            weights,
+            shadow,
+            targets,
+            regrow,
+            hints,
+            scratch,
+        )?;
+    }
     let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
     // Pass 1: every column's threshold; nothing is written to the layer yet.
     let bad = {
@@ -334,6 +351,9 @@ fn fused_columns(
                     .enumerate()
                 {
                     let s0 = c0 + s * COLUMN_BLOCK;
+                    if strip.iter().all(|&t| t != 0) {
+                        continue;
+                    }
                     if let Some(r) = gather_strip_fused(
                         w,
                         h,
@@ -362,6 +382,24 @@ fn fused_columns(
     let thresholds = &scratch.thresholds;
     let rows_per = 16;
     let rl = cols * kl;
+    if kl == 1 {
+        let cut = &mut scratch.cut;
+        cut.resize(2 * cols, 0);
+        for (c, &t) in thresholds.iter().enumerate() {
+            (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
+        }
+        let cut = &scratch.cut;
+        return Ok(mask
+            .words_mut()
+            .par_chunks_mut(rows_per * wpr)
+            .zip(weights.par_chunks_mut(rows_per * rl))
+            .zip(shadow.par_chunks_mut(rows_per * rl))
+            .enumerate()
+            .map(|(b, ((words, w), h))| {
+                crate::flat::rebuild_columns_block(cols, b * rows_per, regrow, cut, words, w, h)
+            })
+            .reduce(SyncStats::default, add));
+    }
     let stats = mask
         .words_mut()
         .par_chunks_mut(rows_per * wpr)
@@ -389,6 +427,9 @@ crate::multiversion! {
         out: &mut [u64],
     ) {
         for (j, ((t, &k), hint)) in out.iter_mut().zip(targets).zip(hints.chunks_exact_mut(2)).enumerate() {
+            if *t != 0 {
+                continue;
+            }
             let bracket: &mut [u64; 2] = hint.try_into().expect("two");
             *t = threshold_key_bracketed(&keys[j * rows..(j + 1) * rows], k as usize, bracket, hist, tmp);
         }

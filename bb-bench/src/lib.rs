@@ -119,10 +119,12 @@ pub fn refresh_pruner(shape: &EdgeShape, actuator: &str, regrow: bool, matched: 
 pub fn refresh_rows(shapes: &[EdgeShape], iters: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     for shape in shapes {
-        let mut w = random_vec(7, shape.weight_len());
         for actuator in ["sp_in", "sp_out"] {
             for regrow in [true, false] {
                 for matched in [true, false] {
+                    // Fresh weights for every case: a refresh zeroes the edges it prunes,
+                    // and a later case must not start from an earlier one's zeros.
+                    let mut w = random_vec(7, shape.weight_len());
                     let mut p = refresh_pruner(shape, actuator, regrow, matched);
                     let t = median_time(iters, || {
                         black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));

@@ -213,12 +213,16 @@ fn hints_kept_between_refreshes_change_nothing() {
         (0, false, Side::Rows),
         (0, true, Side::Columns),
         (2, true, Side::Columns),
+        (1, true, Side::Columns),
+        (0, false, Side::Columns),
     ] {
         let mut r = rng(90 + mode as u64);
+        // Wide enough for whole 64-column words and a partial one, and (for columns) more
+        // than 2^15 edges, so that several workers count and their bracket keys are merged.
         let l = if side == Side::Rows {
             layer(&mut r, 12, 1500, &[], mode)
         } else {
-            layer(&mut r, 1500, 12, &[], mode)
+            layer(&mut r, 1500, if mode == 2 { 12 } else { 130 }, &[], mode)
         };
         let (mut a, mut b) = (
             (l.mask.clone(), l.w.clone(), l.h.clone()),
@@ -227,7 +231,9 @@ fn hints_kept_between_refreshes_change_nothing() {
         let (mut sa, mut sb) = (ActuatorScratch::default(), ActuatorScratch::default());
         let mut hints = Vec::new();
         for step in 0..12 {
-            let targets: Vec<u32> = (0..12).map(|_| r.gen_range(600..900)).collect();
+            let targets: Vec<u32> = (0..l.shape.slabs(side))
+                .map(|_| r.gen_range(600..900))
+                .collect();
             // Drift: small relative changes of every live weight, a few large ones.
             let drift: Vec<f32> = (0..l.w.len())
                 .map(|_| {
