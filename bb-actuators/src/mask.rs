@@ -152,7 +152,18 @@ impl BitMask {
 
     /// Writes the live count of every column into `out` (`len == cols`).
     pub fn col_counts_into(&self, out: &mut [u32]) {
-        col_counts(&self.bits, self.words_per_row, self.cols, out);
+        let (wpr, cols) = (self.words_per_row, self.cols);
+        if self.bits.len() < 1 << 16 || wpr < 2 {
+            col_counts(&self.bits, wpr, 0, cols, out);
+            return;
+        }
+        // Large masks: word columns split over the pool, each counting its own 64 columns.
+        use rayon::prelude::*;
+        let span = wpr.div_ceil(rayon::current_num_threads().max(1));
+        out[..cols]
+            .par_chunks_mut(64 * span)
+            .enumerate()
+            .for_each(|(i, o)| col_counts(&self.bits, wpr, i * span, cols, o));
     }
 
     /// Total live edges.
@@ -182,11 +193,13 @@ impl BitMask {
 }
 
 crate::multiversion! {
-    /// Column sums of a row-major bit matrix: adds bit `b` of every row's word `wi` to
-    /// `out[wi * 64 + b]` (a branch-free loop over all 64 lanes, which vectorizes).
-    fn col_counts(bits: &[u64], wpr: usize, cols: usize, out: &mut [u32]) {
+    /// Column sums of a row-major bit matrix from word column `w0` on: adds bit `b` of every
+    /// row's word `wi` to `out[(wi - w0) * 64 + b]`, for as many word columns as `out` covers
+    /// (a branch-free loop over all 64 lanes, which vectorizes).
+    fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
         let mut acc = [0u32; 64];
-        for wi in 0..wpr {
+        for (i, o) in out.chunks_mut(64).enumerate() {
+            let wi = w0 + i;
             acc.fill(0);
             for row in bits.chunks_exact(wpr) {
                 let w = row[wi];
@@ -194,9 +207,8 @@ crate::multiversion! {
                     *a += ((w >> b) & 1) as u32;
                 }
             }
-            let lo = wi * 64;
-            let n = (cols - lo).min(64);
-            out[lo..lo + n].copy_from_slice(&acc[..n]);
+            let n = (cols - wi * 64).min(64).min(o.len());
+            o[..n].copy_from_slice(&acc[..n]);
         }
     }
 }
