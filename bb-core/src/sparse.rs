@@ -347,33 +347,38 @@ fn row_tiles<C: Copy + Into<u32>>(
     if n == 0 && bias.is_none() {
         return 0;
     }
-    // Batch tiles of fixed width keep the accumulators in registers.
+    // Batch tiles of fixed width keep the accumulators in registers; narrow tiles split a
+    // row's live weights over several partial sums (P), so that consecutive multiply-adds
+    // do not wait on each other.
     let mut b0 = 0;
     while batch - b0 >= 64 {
-        tile::<C, 64>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+        tile::<C, 64, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
         b0 += 64;
     }
     while batch - b0 >= 32 {
-        tile::<C, 32>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+        tile::<C, 32, 2>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
         b0 += 32;
     }
     while batch - b0 >= 16 {
-        tile::<C, 16>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+        tile::<C, 16, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
         b0 += 16;
     }
     while batch - b0 >= 4 {
-        tile::<C, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+        tile::<C, 4, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
         b0 += 4;
     }
     while b0 < batch {
-        tile::<C, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+        tile::<C, 1, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
         b0 += 1;
     }
     n
 }
 
+/// Adds the products of a row's live weights to `T` batch lanes from `b0` on, with `P`
+/// partial sums (live weight `k` goes to sum `k % P`, the tail to the first), added
+/// pairwise at the end.
 #[inline(always)]
-fn tile<C: Copy + Into<u32>, const T: usize>(
+fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
     cols: &[C],
     vals: &[f32],
     xt: &[f32],
@@ -382,19 +387,42 @@ fn tile<C: Copy + Into<u32>, const T: usize>(
     bias: Option<f32>,
     out: &mut [f32],
 ) {
-    let mut acc: [f32; T] = match bias {
+    let mut acc = [[0.0f32; T]; P];
+    acc[0] = match bias {
         Some(b) => [b; T],
         None => out.try_into().expect("tile width"),
     };
-    for (&c, &v) in cols.iter().zip(vals) {
-        let x: &[f32; T] = xt[c.into() as usize * batch + b0..][..T]
+    let x_at = |c: C| -> &[f32; T] {
+        xt[c.into() as usize * batch + b0..][..T]
             .try_into()
-            .expect("tile width");
-        for l in 0..T {
-            acc[l] += v * x[l];
+            .expect("tile width")
+    };
+    let (cq, cr) = cols.split_at(cols.len() / P * P);
+    let (vq, vr) = vals.split_at(cq.len());
+    for (c, v) in cq.chunks_exact(P).zip(vq.chunks_exact(P)) {
+        for p in 0..P {
+            let x = x_at(c[p]);
+            for l in 0..T {
+                acc[p][l] += v[p] * x[l];
+            }
         }
     }
-    out.copy_from_slice(&acc);
+    for (&c, &v) in cr.iter().zip(vr) {
+        let x = x_at(c);
+        for l in 0..T {
+            acc[0][l] += v * x[l];
+        }
+    }
+    let mut width = P;
+    while width > 1 {
+        width /= 2;
+        for p in 0..width {
+            for l in 0..T {
+                acc[p][l] += acc[p + width][l];
+            }
+        }
+    }
+    out.copy_from_slice(&acc[0]);
 }
 
 /// Buffers reused by [`CsrLayer::forward`].
