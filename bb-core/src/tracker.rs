@@ -147,7 +147,7 @@ impl<'a> Activations<'a> {
             Layout::UnitMajor => self.positions * self.batch,
         };
         for (r, chunk) in self.data.chunks_exact(run).enumerate() {
-            if chunk.iter().any(|x| !x.is_finite()) {
+            if !all_finite(chunk) {
                 let i = chunk.iter().position(|x| !x.is_finite()).unwrap_or(0);
                 return Err(BbError::activations(format!(
                     "non-finite activation {} at flat index {}",
@@ -249,6 +249,24 @@ bb_actuators::multiversion! {
     }
 }
 
+bb_actuators::multiversion! {
+    /// Whether every value of `run` is finite (one branch-free pass, so it vectorizes).
+    fn all_finite(run: &[f32]) -> bool {
+        let mut bad = 0u32;
+        for &x in run {
+            bad |= u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+        bad == 0
+    }
+}
+
+bb_actuators::multiversion! {
+    /// How many values of `run` exceed `theta` (exact; vectorized lane counters).
+    fn count_above(run: &[f32], theta: f32) -> u32 {
+        run.iter().map(|&x| u32::from(x > theta)).sum()
+    }
+}
+
 /// The method's tracker: unit `j` is "on" where its activation exceeds `threshold`;
 /// `a_j <- decay * a_j + (1 - decay) * on_j`, with `on_j` the on-fraction over batch and
 /// positions.
@@ -302,9 +320,7 @@ impl ActivityTracker for EmaOnRate {
                 acts.check_finite()?;
             }
         } else {
-            acts.for_each_run(|u, run| {
-                scratch[u] += run.iter().filter(|&&x| x > theta).count() as f64;
-            })?;
+            acts.for_each_run(|u, run| scratch[u] += f64::from(count_above(run, theta)))?;
         }
         let n = (acts.batch * acts.positions) as f64;
         for (a, &c) in rate.iter_mut().zip(scratch.iter()) {

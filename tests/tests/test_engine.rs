@@ -324,6 +324,19 @@ fn invalid_inputs_name_what_is_wrong() {
     assert!(e.contains("`h`") && e.contains("index 7"), "{e}");
     x[7] = f32::INFINITY;
     assert!(p.observe("h", Activations::batch_major(&x, 2, 6)).is_err());
+    // Positions (a conv layer's activations, both layouts): the bad value is named too, and
+    // the rates are left as they were.
+    let before = p.activity("h").unwrap().to_vec();
+    let mut xc = vec![1.0f32; 2 * 6 * 40];
+    xc[333] = f32::NEG_INFINITY;
+    for acts in [
+        Activations::batch_major_positions(&xc, 2, 6, 40),
+        Activations::unit_major(&xc, 6, 40, 2),
+    ] {
+        let e = p.observe("h", acts).unwrap_err().to_string();
+        assert!(e.contains("`h`") && e.contains("index 333"), "{e}");
+    }
+    assert_eq!(p.activity("h").unwrap(), &before[..]);
     let e = p
         .observe("nope", Activations::batch_major(&x, 2, 6))
         .unwrap_err()
