@@ -416,9 +416,10 @@ fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
     let mut width = P;
     while width > 1 {
         width /= 2;
-        for p in 0..width {
-            for l in 0..T {
-                acc[p][l] += acc[p + width][l];
+        let (low, high) = acc.split_at_mut(width);
+        for (a, b) in low.iter_mut().zip(high.iter()) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
             }
         }
     }
