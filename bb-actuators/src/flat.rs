@@ -23,7 +23,8 @@ use rayon::prelude::*;
 /// weights, shadow values and score bits of its columns, `c0` its first column.
 trait Kernels {
     /// Writes the score bits of one word's edges (0 for a non-candidate) and returns
-    /// whether a scored value is non-finite and how many bits are `>= lo` and `>= hi`.
+    /// whether a scored value is non-finite, how many bits are `>= lo` and `>= hi`, and
+    /// which lie in `lo..hi`.
     fn score(
         word: u64,
         w: &[f32],
@@ -32,9 +33,7 @@ trait Kernels {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32);
-    /// Which of the word's bits lie in `lo..hi`.
-    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64;
+    ) -> (bool, u32, u32, u64);
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
@@ -87,9 +86,9 @@ impl Kernels for Portable {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32) {
+    ) -> (bool, u32, u32, u64) {
         let all = u32::from(regrow).wrapping_neg();
-        let (mut bad, mut above_lo, mut above_hi) = (0u32, 0u32, 0u32);
+        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
         for (half, ((bh, wh), hh)) in bits
             .chunks_mut(32)
             .zip(w.chunks(32))
@@ -97,25 +96,20 @@ impl Kernels for Portable {
             .enumerate()
         {
             let live32 = (word >> (32 * half)) as u32;
+            let mut m = 0u32;
             for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
                 let live = ((live32 >> b) & 1).wrapping_neg();
                 let (s, nf) = lane(live, live | all, x, y);
                 bad |= u32::from(nf);
                 *o = s;
-                above_lo += u32::from(s >= lo);
-                above_hi += u32::from(s >= hi);
+                let (a, z) = (s >= lo, s >= hi);
+                above_lo += u32::from(a);
+                above_hi += u32::from(z);
+                m |= u32::from(a & !z) << b;
             }
+            inside |= u64::from(m) << (32 * half);
         }
-        (bad != 0, above_lo, above_hi)
-    }
-
-    #[inline(always)]
-    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64 {
-        let mut m = 0u64;
-        for (b, &s) in bits.iter().enumerate() {
-            m |= u64::from((s >= lo) & (s < hi)) << b;
-        }
-        m
+        (bad != 0, above_lo, above_hi, inside)
     }
 
     #[inline(always)]
@@ -215,13 +209,13 @@ impl Kernels for Avx512 {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32) {
+    ) -> (bool, u32, u32, u64) {
         use std::arch::x86_64::*;
         if w.len() < 64 || h.len() < 64 || bits.len() < 64 {
             return Portable::score(word, w, h, regrow, lo, hi, bits);
         }
         let cand = if regrow { u64::MAX } else { word };
-        let (mut bad, mut above_lo, mut above_hi) = (0u16, 0u32, 0u32);
+        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u16, 0u32, 0u32, 0u64);
         // SAFETY: the three slices hold at least 64 values (checked above), so every load
         // and store below is in bounds; the CPU supports AVX-512F (the caller's contract).
         unsafe {
@@ -237,30 +231,16 @@ impl Kernels for Avx512 {
                 bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                 let s = _mm512_maskz_and_epi32(c, v, abs);
                 _mm512_storeu_epi32(bits.as_mut_ptr().add(16 * q).cast(), s);
-                above_lo += _mm512_cmpge_epu32_mask(s, vlo).count_ones();
-                above_hi += _mm512_cmpge_epu32_mask(s, vhi).count_ones();
+                let (a, z) = (
+                    _mm512_cmpge_epu32_mask(s, vlo),
+                    _mm512_cmpge_epu32_mask(s, vhi),
+                );
+                above_lo += a.count_ones();
+                above_hi += z.count_ones();
+                inside |= u64::from(a & !z) << (16 * q);
             }
         }
-        (bad != 0, above_lo, above_hi)
-    }
-
-    #[inline(always)]
-    fn in_range(bits: &[u32], lo: u32, hi: u32) -> u64 {
-        use std::arch::x86_64::*;
-        if bits.len() < 64 {
-            return Portable::in_range(bits, lo, hi);
-        }
-        let mut m = 0u64;
-        // SAFETY: `bits` holds at least 64 values; AVX-512F is the caller's contract.
-        unsafe {
-            let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
-            for q in 0..4 {
-                let s = _mm512_loadu_epi32(bits.as_ptr().add(16 * q).cast());
-                let k = _mm512_mask_cmplt_epu32_mask(_mm512_cmpge_epu32_mask(s, vlo), s, vhi);
-                m |= u64::from(k) << (16 * q);
-            }
-        }
-        m
+        (bad != 0, above_lo, above_hi, inside)
     }
 
     #[inline(always)]
@@ -474,31 +454,31 @@ fn flat_rows<K: Kernels>(
             (u32::MAX, u32::MAX)
         };
         let (mut non_finite, mut above_lo, mut above_hi) = (false, 0usize, 0usize);
-        for (&word, ((bc, wc), hc)) in mw
+        // The keys inside the bracket, in index order, gathered on the way in case the
+        // threshold is still there.
+        let mut n = 0;
+        for (wi, (&word, ((bc, wc), hc))) in mw
             .iter()
             .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
+            .enumerate()
         {
-            let (b, lo, hi) = K::score(word, wc, hc, regrow, slo, shi, bc);
+            let (b, lo, hi, mut inside) = K::score(word, wc, hc, regrow, slo, shi, bc);
             non_finite |= b;
             above_lo += lo as usize;
             above_hi += hi as usize;
+            while inside != 0 {
+                let j = inside.trailing_zeros() as usize;
+                inside &= inside - 1;
+                let c = wi * 64 + j;
+                tmp[n] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
+                n += 1;
+            }
         }
         if non_finite {
             bad.get_or_insert(r);
             continue;
         }
         let thr = if usable && above_hi < k && k <= above_lo {
-            // The keys inside the bracket, in index order.
-            let mut n = 0;
-            for (wi, bc) in bits.chunks(64).enumerate() {
-                let mut m = K::in_range(bc, slo, shi);
-                while m != 0 {
-                    let c = wi * 64 + m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    tmp[n] = (u64::from(bits[c]) << 32) | (u64::from(u32::MAX) - c as u64);
-                    n += 1;
-                }
-            }
             pick(&mut tmp[..n], k - above_hi, hist)
         } else {
             for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
