@@ -1,17 +1,24 @@
-//! The fused SP-in refresh of plain matrices (one weight per edge), on 32-bit score bits.
+//! The fused refresh of plain matrices (one weight per edge), on 32-bit score bits.
 //!
-//! A row's scores are the magnitude bits of its live weights and of its dead edges' shadow
-//! values; as `u32` they order like the scores, and a vector holds twice as many of them as
-//! of the 64-bit selection keys. Each row takes one pass over its weights and shadow values
-//! that writes the score bits and counts them against the row's bracket (the key range its
-//! threshold fell in at the last refresh). When the threshold is still inside, only the
-//! few keys within the bracket are selected among; otherwise the row's 64-bit keys are built
-//! from the bits and selected from scratch. A last pass over the bits (still in cache)
-//! rebuilds the mask words, and the weights of edges that changed state are moved.
+//! An edge's score is the magnitude of its weight if live, of its shadow value if dead; the
+//! magnitude's bits, as a `u32`, order like the score, and a vector holds twice as many of
+//! them as of the 64-bit selection keys. Every slab remembers the key range its threshold
+//! fell in at the last refresh (its bracket, see [`crate::select`]).
 //!
-//! The three per-word loops are [`Kernels`]: portable code that the compiler vectorizes, and
-//! on x86-64 CPUs with AVX-512 a version that reads mask words straight into vector lane
-//! masks. Both give the same bits.
+//! * **Rows (SP-in)**: one pass over a row's weights and shadow values writes its score bits,
+//!   counts them against the bracket and keeps the few keys inside it. When the threshold is
+//!   still in the bracket those keys are all that is selected among; otherwise the row's
+//!   64-bit keys are built from the bits and selected from scratch. A last pass over the
+//!   bits (still in cache) rebuilds the mask words, and the weights of edges that changed
+//!   state are moved.
+//! * **Columns (SP-out)**: one streaming pass over all rows counts every column against its
+//!   own bracket (per-lane counters) and keeps the keys inside; columns whose threshold left
+//!   the bracket are gathered and selected from scratch. A second pass rebuilds every row
+//!   against the columns' thresholds.
+//!
+//! The per-word loops are [`Kernels`]: portable code that the compiler vectorizes, and on
+//! x86-64 CPUs with AVX-512 a version that reads mask words straight into vector lane masks.
+//! Both give the same bits, and the results are those of the separate steps bit for bit.
 
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
