@@ -29,6 +29,31 @@ pub fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
     t[t.len() / 2]
 }
 
+/// Median wall times of `f` and of `g` over `iters` runs each, the runs alternating
+/// (`f`, `g`, `f`, ...) after one warm-up run of each, so that a slow spell of a shared
+/// machine falls on both rather than on one of the two. Both get `state`.
+pub fn paired_median_times<S>(
+    iters: usize,
+    state: &mut S,
+    mut f: impl FnMut(&mut S),
+    mut g: impl FnMut(&mut S),
+) -> (Duration, Duration) {
+    f(state);
+    g(state);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        let s = Instant::now();
+        f(state);
+        a.push(s.elapsed());
+        let s = Instant::now();
+        g(state);
+        b.push(s.elapsed());
+    }
+    a.sort();
+    b.sort();
+    (a[a.len() / 2], b[b.len() / 2])
+}
+
 /// One streaming pass over `data` (parallel, several accumulators): the physical floor of
 /// any kernel that must read it once.
 pub fn stream_sum(data: &[f32]) -> f32 {
@@ -126,12 +151,16 @@ pub fn refresh_rows(shapes: &[EdgeShape], iters: usize) -> Vec<Row> {
                     // and a later case must not start from an earlier one's zeros.
                     let mut w = random_vec(7, shape.weight_len());
                     let mut p = refresh_pruner(shape, actuator, regrow, matched);
-                    let t = median_time(iters, || {
-                        black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
-                    });
-                    let floor = median_time(iters, || {
-                        black_box(stream_sum(&w));
-                    });
+                    let (t, floor) = paired_median_times(
+                        iters,
+                        &mut w,
+                        |w| {
+                            black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
+                        },
+                        |w| {
+                            black_box(stream_sum(w));
+                        },
+                    );
                     let dims: Vec<String> = [shape.out, shape.inp]
                         .iter()
                         .chain(&shape.kernel)
@@ -168,13 +197,17 @@ pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, us
         .layer("b", "h", "o");
     let cfg = PrunerConfig::from_toml_str("[policy]\nkind = \"dense\"\n").expect("config");
     let mut p = Pruner::new(cfg, topo).expect("pruner");
-    let t = median_time(iters, || {
-        p.observe("h", Activations::batch_major(&x, b, u))
-            .expect("observe")
-    });
-    let f = median_time(iters, || {
-        black_box(stream_sum(&x));
-    });
+    let (t, f) = paired_median_times(
+        iters,
+        &mut (),
+        |_| {
+            p.observe("h", Activations::batch_major(&x, b, u))
+                .expect("observe")
+        },
+        |_| {
+            black_box(stream_sum(&x));
+        },
+    );
     rows.push(Row {
         section: "observe",
         case: format!("{b}x{u} [batch, units]"),
@@ -192,13 +225,17 @@ pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, us
         .layer("b", "h", "o");
     let cfg = PrunerConfig::from_toml_str("[policy]\nkind = \"dense\"\n").expect("config");
     let mut p = Pruner::new(cfg, topo).expect("pruner");
-    let t = median_time(iters, || {
-        p.observe("h", Activations::batch_major_positions(&x, cb, cu, pos))
-            .expect("observe")
-    });
-    let f = median_time(iters, || {
-        black_box(stream_sum(&x));
-    });
+    let (t, f) = paired_median_times(
+        iters,
+        &mut (),
+        |_| {
+            p.observe("h", Activations::batch_major_positions(&x, cb, cu, pos))
+                .expect("observe")
+        },
+        |_| {
+            black_box(stream_sum(&x));
+        },
+    );
     rows.push(Row {
         section: "observe",
         case: format!("{cb}x{cu}x{pos} [batch, channels, positions]"),
@@ -277,10 +314,13 @@ pub fn sparse_rows(
                 let x = random_vec(6, b * n);
                 let mut y = vec![0.0f32; b * n];
                 let mut scratch = SparseScratch::default();
-                let ts = median_time(iters, || {
-                    csr.forward(&x, b, &mut y, &mut scratch).expect("forward")
-                });
-                let td = median_time(iters, || dense_forward(&masked, n, n, &x, b, &mut y));
+                let mut yd = vec![0.0f32; b * n];
+                let (ts, td) = paired_median_times(
+                    iters,
+                    &mut (),
+                    |_| csr.forward(&x, b, &mut y, &mut scratch).expect("forward"),
+                    |_| dense_forward(&masked, n, n, &x, b, &mut yd),
+                );
                 rows.push(Row {
                     section: "sparse",
                     case: format!("{n}x{n} density {d} batch {b}"),

@@ -138,7 +138,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             ]
         };
         eprintln!("bb bench: refresh ...");
-        rows.extend(refresh_rows(&shapes, if q { 2 } else { 5 }));
+        rows.extend(refresh_rows(&shapes, if q { 2 } else { 7 }));
     }
     if wanted(args, "observe") {
         eprintln!("bb bench: observe ...");
@@ -153,7 +153,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         rows.extend(if q {
             sparse_rows(&[256], &[0.5, 0.1], &[1, 16], 2)
         } else {
-            sparse_rows(&[1024, 4096], &[0.5, 0.3, 0.1, 0.05], &[1, 16, 128], 7)
+            sparse_rows(&[1024, 4096], &[0.5, 0.3, 0.1, 0.05], &[1, 16, 128], 11)
         });
     }
     if wanted(args, "training") {
