@@ -387,16 +387,29 @@ fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
     bias: Option<f32>,
     out: &mut [f32],
 ) {
-    let mut acc = [[0.0f32; T]; P];
-    acc[0] = match bias {
-        Some(b) => [b; T],
-        None => out.try_into().expect("tile width"),
-    };
     let x_at = |c: C| -> &[f32; T] {
         xt[c.into() as usize * batch + b0..][..T]
             .try_into()
             .expect("tile width")
     };
+    let start: [f32; T] = match bias {
+        Some(b) => [b; T],
+        None => out.try_into().expect("tile width"),
+    };
+    if P == 1 {
+        // One sum: the plain loop, whose accumulators stay in registers.
+        let mut acc = start;
+        for (&c, &v) in cols.iter().zip(vals) {
+            let x = x_at(c);
+            for l in 0..T {
+                acc[l] += v * x[l];
+            }
+        }
+        out.copy_from_slice(&acc);
+        return;
+    }
+    let mut acc = [[0.0f32; T]; P];
+    acc[0] = start;
     let (cq, cr) = cols.split_at(cols.len() / P * P);
     let (vq, vr) = vals.split_at(cq.len());
     for (c, v) in cq.chunks_exact(P).zip(vq.chunks_exact(P)) {
