@@ -384,6 +384,7 @@ macro_rules! kernel_entry {
                 }
                 if std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("popcnt")
                 {
                     // SAFETY: `widest` only needs the CPU features checked just above.
                     return unsafe { widest($($arg),*) };

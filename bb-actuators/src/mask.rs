@@ -132,10 +132,7 @@ impl BitMask {
 
     /// Live edges in row `r` (the fan-in of output unit `r`).
     pub fn row_count(&self, r: usize) -> usize {
-        self.row_words(r)
-            .iter()
-            .map(|w| w.count_ones() as usize)
-            .sum()
+        popcount(self.row_words(r))
     }
 
     /// Live edges in column `c` (the fan-out of input unit `c` into this layer).
@@ -168,7 +165,7 @@ impl BitMask {
 
     /// Total live edges.
     pub fn count(&self) -> usize {
-        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+        popcount(&self.bits)
     }
 
     /// Live fraction of edges (1 for an empty shape).
@@ -189,6 +186,13 @@ impl BitMask {
             .zip(&other.bits)
             .map(|(a, b)| (a ^ b).count_ones() as usize)
             .sum()
+    }
+}
+
+crate::multiversion! {
+    /// Set bits in `words` (with the CPU's population-count instruction where it has one).
+    fn popcount(words: &[u64]) -> usize {
+        words.iter().map(|w| w.count_ones() as usize).sum()
     }
 }
 

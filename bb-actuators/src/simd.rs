@@ -1,7 +1,7 @@
 //! Runtime dispatch of hot loops to AVX2 + FMA code.
 //!
 //! The default x86-64 target only guarantees SSE2. [`multiversion!`] compiles a function body
-//! three times — for the baseline, with `avx2,fma`, and with AVX-512 — and picks the widest the
+//! three times — for the baseline, with `avx2,fma` (and `popcnt`), and with AVX-512 — and picks the widest the
 //! CPU supports at run time, so builds stay portable and still use the
 //! wide vector units where they exist. The choice never changes results: the body is the same
 //! code and Rust does not contract `a * b + c` into a fused multiply-add by itself.
@@ -18,19 +18,20 @@ macro_rules! multiversion {
             fn generic($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
                 unsafe fn widest($($arg: $ty),*) $(-> $ret)? {
                     generic($($arg),*)
                 }
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,popcnt")]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
                     generic($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                let popcnt = std::is_x86_feature_detected!("popcnt");
+                if popcnt && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
                     // SAFETY: `widest` only needs the CPU features checked just above.
                     return unsafe { widest($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if popcnt && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: `wide` only needs the CPU features checked just above.
                     return unsafe { wide($($arg),*) };
                 }

@@ -221,11 +221,12 @@ pub fn matched_degrees(
     let mut rest = n as i64 - k.iter().map(|&v| v as i64).sum::<i64>();
     // Largest remainder first (ties toward the lower index); repeat passes if the float
     // solution left more than one edge per unit to place (it cannot loop: n is feasible).
+    if rest == 0 {
+        return Ok(k);
+    }
+    let frac: Vec<f64> = x.iter().map(|v| v - v.floor()).collect();
     let mut order: Vec<usize> = (0..k.len()).collect();
-    order.sort_by(|&i, &j| {
-        let (fi, fj) = (x[i] - x[i].floor(), x[j] - x[j].floor());
-        fj.total_cmp(&fi).then(i.cmp(&j))
-    });
+    order.sort_by(|&i, &j| frac[j].total_cmp(&frac[i]).then(i.cmp(&j)));
     while rest > 0 {
         for &j in &order {
             if rest > 0 && k[j] < hi[j] {
