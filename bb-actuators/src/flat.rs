@@ -22,16 +22,17 @@
 
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
-use crate::select::{bracket_around, select_below, threshold_key_preserving, Histogram};
+use crate::select::{
+    bracket_around, select_below, threshold_key_preserving, Histogram, SMALL_SLAB,
+};
 use crate::SyncStats;
 use rayon::prelude::*;
 
 /// The per-word loops of the refresh. `word` is a mask word, `w`/`h`/`bits` the (up to 64)
 /// weights, shadow values and score bits of its columns, `c0` its first column.
 trait Kernels {
-    /// Writes the score bits of one word's edges (0 for a non-candidate) and returns
-    /// whether a scored value is non-finite, how many bits are `>= lo` and `>= hi`, and
-    /// which lie in `lo..hi`.
+    /// Writes the score bits of one word's edges (0 for a non-candidate) and returns what
+    /// it found against the bracket `lo..hi`.
     fn score(
         word: u64,
         w: &[f32],
@@ -40,7 +41,7 @@ trait Kernels {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32, u64);
+    ) -> WordScore;
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
@@ -72,6 +73,20 @@ trait Kernels {
     ) -> u64;
 }
 
+/// One word's edges against a bracket `lo..hi`, from [`Kernels::score`].
+struct WordScore {
+    /// Whether a scored value is non-finite.
+    non_finite: bool,
+    /// How many score bits are `>= lo`.
+    above_lo: u32,
+    /// How many score bits are `>= hi`.
+    above_hi: u32,
+    /// Which edges have bits `>= hi` (all candidates, as `hi > 0`).
+    high: u64,
+    /// Which edges have bits in `lo..hi`.
+    inside: u64,
+}
+
 /// The score bits of an edge from its live bit (all ones or zero), weight and shadow
 /// value, and whether the value scored is non-finite; 0 for a non-candidate.
 #[inline(always)]
@@ -93,9 +108,10 @@ impl Kernels for Portable {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32, u64) {
+    ) -> WordScore {
         let all = u32::from(regrow).wrapping_neg();
         let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
+        let mut high = 0u64;
         for (half, ((bh, wh), hh)) in bits
             .chunks_mut(32)
             .zip(w.chunks(32))
@@ -103,7 +119,7 @@ impl Kernels for Portable {
             .enumerate()
         {
             let live32 = (word >> (32 * half)) as u32;
-            let mut m = 0u32;
+            let (mut m, mut zm) = (0u32, 0u32);
             for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
                 let live = ((live32 >> b) & 1).wrapping_neg();
                 let (s, nf) = lane(live, live | all, x, y);
@@ -113,10 +129,18 @@ impl Kernels for Portable {
                 above_lo += u32::from(a);
                 above_hi += u32::from(z);
                 m |= u32::from(a & !z) << b;
+                zm |= u32::from(z) << b;
             }
             inside |= u64::from(m) << (32 * half);
+            high |= u64::from(zm) << (32 * half);
         }
-        (bad != 0, above_lo, above_hi, inside)
+        WordScore {
+            non_finite: bad != 0,
+            above_lo,
+            above_hi,
+            high,
+            inside,
+        }
     }
 
     #[inline(always)]
@@ -216,13 +240,14 @@ impl Kernels for Avx512 {
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> (bool, u32, u32, u64) {
+    ) -> WordScore {
         use std::arch::x86_64::*;
         if w.len() < 64 || h.len() < 64 || bits.len() < 64 {
             return Portable::score(word, w, h, regrow, lo, hi, bits);
         }
         let cand = if regrow { u64::MAX } else { word };
         let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u16, 0u32, 0u32, 0u64);
+        let mut high = 0u64;
         // SAFETY: the three slices hold at least 64 values (checked above), so every load
         // and store below is in bounds; the CPU supports AVX-512F (the caller's contract).
         unsafe {
@@ -245,9 +270,16 @@ impl Kernels for Avx512 {
                 above_lo += a.count_ones();
                 above_hi += z.count_ones();
                 inside |= u64::from(a & !z) << (16 * q);
+                high |= u64::from(z) << (16 * q);
             }
         }
-        (bad != 0, above_lo, above_hi, inside)
+        WordScore {
+            non_finite: bad != 0,
+            above_lo,
+            above_hi,
+            high,
+            inside,
+        }
     }
 
     #[inline(always)]
@@ -470,10 +502,14 @@ fn flat_rows<K: Kernels>(
             .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
             .enumerate()
         {
-            let (b, lo, hi, mut inside) = K::score(word, wc, hc, regrow, slo, shi, bc);
-            non_finite |= b;
-            above_lo += lo as usize;
-            above_hi += hi as usize;
+            let ws = K::score(word, wc, hc, regrow, slo, shi, bc);
+            non_finite |= ws.non_finite;
+            above_lo += ws.above_lo as usize;
+            above_hi += ws.above_hi as usize;
+            // Kept for the case the threshold is still in the bracket: then every edge
+            // above it stays, and only the keys inside need a look.
+            keys[wi] = ws.high;
+            let mut inside = ws.inside;
             while inside != 0 {
                 let j = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
@@ -487,8 +523,28 @@ fn flat_rows<K: Kernels>(
             continue;
         }
         let thr = if usable && above_hi < k && k <= above_lo {
-            pick(&mut tmp[..n], k - above_hi, hist)
+            // A long list is reordered by the radix select; a short one only permuted.
+            let short = n <= SMALL_SLAB;
+            let thr = pick(&mut tmp[..n], k - above_hi, hist);
+            if short {
+                *bracket = bracket_around(thr);
+                // The new words: the edges above the bracket, and those inside it from the
+                // threshold up (all of them candidates).
+                for &key in &tmp[..n] {
+                    let c = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                    keys[c / 64] |= u64::from(key >= thr) << (c % 64);
+                }
+                for (blk, ow) in mw.chunks_mut(64).enumerate() {
+                    let nw = &keys[blk * 64..blk * 64 + ow.len()];
+                    let off = blk * 64 * 64;
+                    st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
+                    ow.copy_from_slice(nw);
+                }
+                continue;
+            }
+            thr
         } else {
+            // Otherwise the row's 64-bit keys from the bits, selected from scratch.
             for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
                 let cand = word | all;
                 for (b, (key, &s)) in kc.iter_mut().zip(&bits[wi * 64..]).enumerate() {

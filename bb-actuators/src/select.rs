@@ -307,7 +307,8 @@ fn bucket_of(key: u64, shift: u32, width: u32) -> usize {
 }
 
 const RADIX_BITS: u32 = 11;
-const SMALL_SLAB: usize = 384;
+/// Slabs this short go straight to `select_nth_unstable` (only permuted, never compacted).
+pub(crate) const SMALL_SLAB: usize = 384;
 
 /// Indices (ascending) of the `k` largest `scores`, ties toward the lower index.
 ///
