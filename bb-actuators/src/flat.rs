@@ -7,10 +7,11 @@
 //!
 //! * **Rows (SP-in)**: one pass over a row's weights and shadow values writes its score bits,
 //!   counts them against the bracket and keeps the few keys inside it. When the threshold is
-//!   still in the bracket those keys are all that is selected among; otherwise the row's
-//!   64-bit keys are built from the bits and selected from scratch. A last pass over the
-//!   bits (still in cache) rebuilds the mask words, and the weights of edges that changed
-//!   state are moved.
+//!   still in the bracket those keys are all that is selected among, and the new mask is
+//!   the edges above the bracket (noted while scoring) plus those inside it at or above the
+//!   threshold. Otherwise the row's 64-bit keys are built from the bits, selected from
+//!   scratch, and a pass over the bits (still in cache) rebuilds the mask words. Either way
+//!   the weights of edges that changed state are then moved.
 //! * **Columns (SP-out)**: one streaming pass over all rows counts every column against its
 //!   own bracket (per-lane counters) and keeps the keys inside; columns whose threshold left
 //!   the bracket are gathered and selected from scratch. A second pass rebuilds every row
