@@ -219,8 +219,9 @@ fn fused_rows(
 }
 
 crate::multiversion! {
-    /// Refreshes rows `r0..` (mask words `words`, weights `w`, shadow `h`); returns the stats
-    /// and the first row left alone for a non-finite score.
+    /// Refreshes rows `r0..` of a layer with kernel dims (mask words `words`, weights `w`,
+    /// shadow `h`; plain matrices go to `flat.rs`); returns the stats and the first row left
+    /// alone for a non-finite score.
     #[allow(clippy::too_many_arguments)]
     fn rows_fused_block(
         cols: usize,
@@ -251,16 +252,11 @@ crate::multiversion! {
             let mut finite = true;
             for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
                 let lo = wi * 64;
-                if kl == 1 {
-                    let (wc, hc) = (&wr[lo..lo + kc.len()], &hr[lo..lo + kc.len()]);
-                    finite &= keys_word(word, wc, hc, lo, regrow, kc);
-                } else {
-                    for (b, key) in kc.iter_mut().enumerate() {
-                        let live = (word >> b) & 1 == 1;
-                        let v = score(kl, live, wr, hr, lo + b);
-                        finite &= v.is_finite();
-                        *key = edge_key(v, lo + b, live, regrow);
-                    }
+                for (b, key) in kc.iter_mut().enumerate() {
+                    let live = (word >> b) & 1 == 1;
+                    let v = score(kl, live, wr, hr, lo + b);
+                    finite &= v.is_finite();
+                    *key = edge_key(v, lo + b, live, regrow);
                 }
             }
             if !finite {
@@ -504,7 +500,8 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
-    /// Rebuilds rows `r0..` from per-column threshold keys and moves their weights.
+    /// Rebuilds rows `r0..` of a layer with kernel dims from per-column threshold keys and
+    /// moves their weights (plain matrices go to `flat.rs`).
     #[allow(clippy::too_many_arguments)]
     fn rebuild_rows_fused(
         cols: usize,
@@ -526,22 +523,11 @@ crate::multiversion! {
             .enumerate()
         {
             let r = r0 + i;
-            let mut kw = [0u64; 64];
             for (wi, ow) in mw.iter_mut().enumerate() {
                 let lo = wi * 64;
                 let hi = (lo + 64).min(cols);
                 let old = *ow;
                 let mut bits = 0u64;
-                if kl == 1 {
-                    let kw = &mut kw[..hi - lo];
-                    keys_word(old, &wr[lo..hi], &hr[lo..hi], 0, regrow, kw);
-                    for (b, (&k, &thr)) in kw.iter().zip(&thresholds[lo..hi]).enumerate() {
-                        bits |= u64::from(by_row(k, r) >= thr) << b;
-                    }
-                    st = add(st, sync_row(&[old], &[bits], kl, &mut wr[lo..], &mut hr[lo..]));
-                    *ow = bits;
-                    continue;
-                }
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
                     let live = (old >> b) & 1 == 1;
                     let key = edge_key(score(kl, live, wr, hr, lo + b), r, live, regrow);
