@@ -493,9 +493,18 @@ crate::multiversion! {
                 }
                 let seg = &mut row[lo * kl..(lo + n) * kl];
                 if kl == 1 {
-                    // Branch-free select: vectorizes (a masked store of zeros).
-                    for (b, x) in seg.iter_mut().enumerate() {
-                        if (w >> b) & 1 == 0 {
+                    // Eight values per mask byte: AND with the byte's expanded lane mask
+                    // (vectorizes to one load, AND and store per eight values).
+                    let mut chunks = seg.chunks_exact_mut(8);
+                    for (chunk, byte) in chunks.by_ref().zip(w.to_le_bytes()) {
+                        let keep = crate::mask::byte_lanes(byte);
+                        for (x, &k) in chunk.iter_mut().zip(keep) {
+                            *x = f32::from_bits(x.to_bits() & k);
+                        }
+                    }
+                    let done = n - n % 8;
+                    for (b, x) in chunks.into_remainder().iter_mut().enumerate() {
+                        if (w >> (done + b)) & 1 == 0 {
                             *x = 0.0;
                         }
                     }

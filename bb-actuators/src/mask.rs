@@ -233,3 +233,39 @@ pub(crate) fn fill_words(words: &mut [u64], cols: usize, live: bool) {
         };
     }
 }
+
+/// For each byte value, eight lane masks: all ones where the byte's bit is set, else zero.
+static BYTE_LANES: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut v = 0;
+    while v < 256 {
+        let mut b = 0;
+        while b < 8 {
+            if (v >> b) & 1 == 1 {
+                t[v][b] = u32::MAX;
+            }
+            b += 1;
+        }
+        v += 1;
+    }
+    t
+};
+
+/// The eight bits of `byte` as lane masks (lane `b` is all ones if bit `b` is set, else
+/// zero). ANDing an `f32`'s bits with its lane keeps the value or makes it `+0.0`; loops
+/// written that way vectorize to one load, AND and store per eight values.
+#[inline]
+pub fn byte_lanes(byte: u8) -> &'static [u32; 8] {
+    &BYTE_LANES[byte as usize]
+}
+
+/// The 64 bits of a mask word as lane masks (see [`byte_lanes`]): lane `b` of the result is
+/// all ones if bit `b` of `word` is set.
+#[inline]
+pub fn word_lanes(word: u64) -> [u32; 64] {
+    let mut out = [0u32; 64];
+    for (chunk, byte) in out.chunks_exact_mut(8).zip(word.to_le_bytes()) {
+        chunk.copy_from_slice(byte_lanes(byte));
+    }
+    out
+}

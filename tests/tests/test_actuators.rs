@@ -265,20 +265,33 @@ fn zero_dead_and_rescale() {
     assert_eq!(f, vec![1.0, 1.0]);
     // Layers large enough to be split over threads, dense and with a kernel.
     let mut r = rng(9);
-    for shape in [EdgeShape::dense(37, 2000), EdgeShape::conv(33, 700, &[3])] {
+    // (77 columns: a last mask word of 13 bits, one full byte and a 5-bit tail)
+    for shape in [
+        EdgeShape::dense(37, 2000),
+        EdgeShape::dense(5, 77),
+        EdgeShape::conv(33, 700, &[3]),
+    ] {
         let mut mask = BitMask::empty(shape.out, shape.inp);
         for o in 0..shape.out {
             for i in 0..shape.inp {
                 mask.set(o, i, r.gen_bool(0.4));
             }
         }
-        let mut buf = vec![2.5f32; shape.weight_len()];
+        // signed values, including -0.0 and NaN: dead ones must become exactly +0.0
+        let value = |j: usize| match j % 5 {
+            0 => -0.0,
+            1 => f32::NAN,
+            2 => -2.5,
+            _ => 2.5,
+        };
+        let mut buf: Vec<f32> = (0..shape.weight_len()).map(value).collect();
         zero_dead(&shape, &mask, &mut buf).unwrap();
         let kl = shape.kernel_len();
         for (j, &v) in buf.iter().enumerate() {
             let e = j / kl;
             let live = mask.get(e / shape.inp, e % shape.inp);
-            assert_eq!(v, if live { 2.5 } else { 0.0 }, "{shape:?} value {j}");
+            let want = if live { value(j) } else { 0.0 };
+            assert_eq!(v.to_bits(), want.to_bits(), "{shape:?} value {j}");
         }
     }
 }
