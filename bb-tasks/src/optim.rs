@@ -5,8 +5,10 @@
 //! `f32` buffers (one or two per parameter) so checkpoints can store it exactly.
 
 use anyhow::{ensure, Result};
+use bb_actuators::{word_lanes, BitMask};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// Which optimizer, with its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -225,6 +227,68 @@ impl Optimizer {
             "optimizer: gradient count changed"
         );
         self.step += 1;
+        let rule = self.rule(lr);
+        for (i, p) in params.iter_mut().enumerate() {
+            let g = grads[i];
+            check_lengths(i, p, g, &self.m[i]);
+            let a = &mut self.m[i];
+            match self.v.get_mut(i) {
+                Some(b) => for_chunks4(p, a, b, g, |p, a, b, g| plain_chunk(&rule, p, a, b, g)),
+                None if p.len() < PAR_CHUNK => plain_chunk(&rule, p, a, &mut [], g),
+                None => p
+                    .par_chunks_mut(PAR_CHUNK)
+                    .zip(a.par_chunks_mut(PAR_CHUNK))
+                    .zip(g.par_chunks(PAR_CHUNK))
+                    .for_each(|((p, a), g)| plain_chunk(&rule, p, a, &mut [], g)),
+            }
+        }
+    }
+
+    /// One update like [`Optimizer::update`] for parameters some of which are pruned:
+    /// `live[i]`, if given, is the mask of parameter `i` seen as an `[out, in]` matrix
+    /// (its rows and columns must multiply to the parameter's length). The gradient of every
+    /// dead value is set to zero in `grads` (so `grads` afterwards holds the gradients the
+    /// update applied) and every dead value is zero after the update.
+    ///
+    /// The result is bit-identical to zeroing the dead gradients, calling
+    /// [`Optimizer::update`] and zeroing the dead values, but it is one pass over the memory
+    /// instead of three: words of the mask with every value live run the plain loop, the
+    /// others the same loop with the values ANDed with the word's lane masks.
+    pub fn update_masked(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &mut [&mut [f32]],
+        lr: f32,
+        live: &[Option<&BitMask>],
+    ) {
+        assert!(
+            params.len() == self.m.len()
+                && grads.len() == self.m.len()
+                && live.len() == self.m.len(),
+            "optimizer: parameter, gradient or mask count changed"
+        );
+        for (i, mask) in live.iter().enumerate() {
+            if let Some(mask) = mask {
+                assert_eq!(
+                    mask.rows() * mask.cols(),
+                    params[i].len(),
+                    "optimizer: the mask of parameter {i} does not match its length"
+                );
+            }
+        }
+        self.step += 1;
+        let rule = self.rule(lr);
+        for (i, p) in params.iter_mut().enumerate() {
+            let g = &mut *grads[i];
+            check_lengths(i, p, g, &self.m[i]);
+            let m = &mut self.m[i];
+            let v = self.v.get_mut(i).map_or(&mut [][..], |v| v.as_mut_slice());
+            masked_update(&rule, p, m, v, g, live[i]);
+        }
+    }
+
+    /// The per-element rule of the next update (after `step` was counted).
+    fn rule(&self, lr: f32) -> Rule {
         match self.cfg {
             OptimizerConfig::Adam {
                 beta1,
@@ -234,7 +298,7 @@ impl Optimizer {
             } => {
                 let bc1 = 1.0 - (beta1 as f64).powi(self.step as i32);
                 let bc2 = 1.0 - (beta2 as f64).powi(self.step as i32);
-                let k = AdamStep {
+                Rule::Adam(AdamStep {
                     beta1,
                     beta2,
                     one_minus_beta1: 1.0 - beta1,
@@ -243,39 +307,18 @@ impl Optimizer {
                     weight_decay,
                     step_size: (lr as f64 / bc1) as f32,
                     inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-                };
-                for (i, p) in params.iter_mut().enumerate() {
-                    let (m, v, g) = (&mut self.m[i], &mut self.v[i], grads[i]);
-                    check_lengths(i, p, g, m);
-                    for_chunks4(p, m, v, g, |p, m, v, g| k.apply(p, m, v, g));
-                }
+                })
             }
             OptimizerConfig::Sgd {
                 momentum,
                 nesterov,
                 weight_decay,
-            } => {
-                for (i, p) in params.iter_mut().enumerate() {
-                    let (vel, g) = (&mut self.m[i], grads[i]);
-                    check_lengths(i, p, g, vel);
-                    let apply = |p: &mut [f32], vel: &mut [f32], g: &[f32]| {
-                        for ((p, vel), &g) in p.iter_mut().zip(vel.iter_mut()).zip(g) {
-                            let gj = g + weight_decay * *p;
-                            *vel = momentum * *vel + gj;
-                            let d = if nesterov { gj + momentum * *vel } else { *vel };
-                            *p -= lr * d;
-                        }
-                    };
-                    if p.len() < PAR_CHUNK {
-                        apply(p, vel, g);
-                    } else {
-                        p.par_chunks_mut(PAR_CHUNK)
-                            .zip(vel.par_chunks_mut(PAR_CHUNK))
-                            .zip(g.par_chunks(PAR_CHUNK))
-                            .for_each(|((p, vel), g)| apply(p, vel, g));
-                    }
-                }
-            }
+            } => Rule::Sgd(SgdStep {
+                momentum,
+                nesterov,
+                weight_decay,
+                lr,
+            }),
         }
     }
 }
@@ -328,15 +371,219 @@ struct AdamStep {
 impl AdamStep {
     /// `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
     /// `p <- p - step_size m / (sqrt(v) / sqrt(bc2) + eps)` with `g` including the L2 term.
-    #[inline]
-    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    #[inline(always)]
+    fn one(&self, p: &mut f32, m: &mut f32, v: &mut f32, g: f32) {
         let k = *self;
+        let gj = g + k.weight_decay * *p;
+        *m = k.beta1 * *m + k.one_minus_beta1 * gj;
+        *v = k.beta2 * *v + k.one_minus_beta2 * gj * gj;
+        *p -= k.step_size * *m / (v.sqrt() * k.inv_sqrt_bc2 + k.eps);
+    }
+
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let gj = g + k.weight_decay * *p;
-            *m = k.beta1 * *m + k.one_minus_beta1 * gj;
-            *v = k.beta2 * *v + k.one_minus_beta2 * gj * gj;
-            *p -= k.step_size * *m / (v.sqrt() * k.inv_sqrt_bc2 + k.eps);
+            self.one(p, m, v, g);
         }
+    }
+
+    /// [`Self::apply`] with the gradients and the updated values ANDed with `lanes`.
+    #[inline(always)]
+    fn apply_lanes(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &mut [f32],
+        lanes: &[u32],
+    ) {
+        for ((((p, m), v), g), &k) in p
+            .iter_mut()
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .zip(g)
+            .zip(lanes)
+        {
+            *g = f32::from_bits(g.to_bits() & k);
+            self.one(p, m, v, *g);
+            *p = f32::from_bits(p.to_bits() & k);
+        }
+    }
+}
+
+/// The constants of one SGD step.
+#[derive(Debug, Clone, Copy)]
+struct SgdStep {
+    momentum: f32,
+    nesterov: bool,
+    weight_decay: f32,
+    lr: f32,
+}
+
+impl SgdStep {
+    /// `vel <- momentum vel + g`, `p <- p - lr (g + momentum vel)` (Nesterov) or
+    /// `p <- p - lr vel`, with `g` including the L2 term.
+    #[inline(always)]
+    fn one(&self, p: &mut f32, vel: &mut f32, g: f32) {
+        let gj = g + self.weight_decay * *p;
+        *vel = self.momentum * *vel + gj;
+        let d = if self.nesterov {
+            gj + self.momentum * *vel
+        } else {
+            *vel
+        };
+        *p -= self.lr * d;
+    }
+
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], vel: &mut [f32], g: &[f32]) {
+        for ((p, vel), &g) in p.iter_mut().zip(vel.iter_mut()).zip(g) {
+            self.one(p, vel, g);
+        }
+    }
+
+    /// [`Self::apply`] with the gradients and the updated values ANDed with `lanes`.
+    #[inline(always)]
+    fn apply_lanes(&self, p: &mut [f32], vel: &mut [f32], g: &mut [f32], lanes: &[u32]) {
+        for (((p, vel), g), &k) in p.iter_mut().zip(vel.iter_mut()).zip(g).zip(lanes) {
+            *g = f32::from_bits(g.to_bits() & k);
+            self.one(p, vel, *g);
+            *p = f32::from_bits(p.to_bits() & k);
+        }
+    }
+}
+
+/// The per-element rule of one update.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Adam(AdamStep),
+    Sgd(SgdStep),
+}
+
+impl Rule {
+    /// The update of `p[range]` with its state (`b` is empty for SGD), every value live.
+    #[inline(always)]
+    fn plain(&self, r: Range<usize>, p: &mut [f32], a: &mut [f32], b: &mut [f32], g: &[f32]) {
+        match self {
+            Rule::Adam(k) => k.apply(
+                &mut p[r.clone()],
+                &mut a[r.clone()],
+                &mut b[r.clone()],
+                &g[r],
+            ),
+            Rule::Sgd(k) => k.apply(&mut p[r.clone()], &mut a[r.clone()], &g[r]),
+        }
+    }
+
+    /// The update of `p[range]` with the gradients and values ANDed with `lanes`.
+    #[inline(always)]
+    fn lanes(
+        &self,
+        r: Range<usize>,
+        p: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+        g: &mut [f32],
+        lanes: &[u32],
+    ) {
+        match self {
+            Rule::Adam(k) => k.apply_lanes(
+                &mut p[r.clone()],
+                &mut a[r.clone()],
+                &mut b[r.clone()],
+                &mut g[r],
+                lanes,
+            ),
+            Rule::Sgd(k) => k.apply_lanes(&mut p[r.clone()], &mut a[r.clone()], &mut g[r], lanes),
+        }
+    }
+}
+
+/// One masked update of a parameter (`mask` over its `[rows, cols]` layout; none: every
+/// value live): row-aligned chunks of about [`PAR_CHUNK`] values in
+/// parallel when the parameter is large.
+fn masked_update(
+    rule: &Rule,
+    p: &mut [f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    g: &mut [f32],
+    mask: Option<&BitMask>,
+) {
+    let cols = mask.map_or(1, |m| m.cols().max(1));
+    let rows_per_task = (PAR_CHUNK / cols).max(1);
+    if p.len() <= rows_per_task * cols {
+        return masked_rows(rule, mask, 0, p, a, b, g);
+    }
+    let len = rows_per_task * cols;
+    let mut tasks = Vec::with_capacity(p.len().div_ceil(len));
+    let (mut p, mut a, mut b, mut g) = (p, a, b, g);
+    let mut row0 = 0;
+    while !p.is_empty() {
+        let n = len.min(p.len());
+        let (p0, p1) = p.split_at_mut(n);
+        let (a0, a1) = a.split_at_mut(n);
+        let (b0, b1) = if b.is_empty() {
+            (&mut [][..], b)
+        } else {
+            b.split_at_mut(n)
+        };
+        let (g0, g1) = g.split_at_mut(n);
+        tasks.push((row0, p0, a0, b0, g0));
+        (p, a, b, g) = (p1, a1, b1, g1);
+        row0 += rows_per_task;
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g));
+}
+
+bb_actuators::multiversion! {
+    /// The masked update of whole rows `row0..` held in `p` (and the matching state): runs of
+    /// mask words with every value live take the plain loop, the other words the lane loop.
+    fn masked_rows(
+        rule: &Rule,
+        mask: Option<&BitMask>,
+        row0: usize,
+        p: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+        g: &mut [f32],
+    ) {
+        let Some(mask) = mask else {
+            return rule.plain(0..p.len(), p, a, b, g);
+        };
+        let cols = mask.cols();
+        if cols == 0 {
+            return;
+        }
+        let mut run = 0; // start of the pending run of live values
+        for r in 0..p.len() / cols {
+            let start = r * cols;
+            for (wi, &w) in mask.row_words(row0 + r).iter().enumerate() {
+                let n = (cols - wi * 64).min(64);
+                let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                if w == valid {
+                    continue;
+                }
+                let lo = start + wi * 64;
+                if run < lo {
+                    rule.plain(run..lo, p, a, b, g);
+                }
+                rule.lanes(lo..lo + n, p, a, b, g, &word_lanes(w)[..n]);
+                run = lo + n;
+            }
+        }
+        if run < p.len() {
+            rule.plain(run..p.len(), p, a, b, g);
+        }
+    }
+}
+
+bb_actuators::multiversion! {
+    /// [`Rule::plain`] over whole slices (`b` empty for SGD).
+    fn plain_chunk(rule: &Rule, p: &mut [f32], a: &mut [f32], b: &mut [f32], g: &[f32]) {
+        rule.plain(0..p.len(), p, a, b, g);
     }
 }
 
@@ -387,5 +634,100 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("momentum"), "{e}");
+    }
+
+    /// `update_masked` gives bit for bit what zeroing the dead gradients, `update` and
+    /// zeroing the dead values give, for Adam (with weight decay) and SGD (with Nesterov),
+    /// on a parameter large enough to be split over tasks, one whose rows end inside a mask
+    /// word, and an unmasked bias.
+    #[test]
+    fn masked_update_matches_mask_update_mask() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let configs = [
+            OptimizerConfig::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 1e-3,
+            },
+            OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 1e-3,
+            },
+        ];
+        let shapes = [(300, 300), (7, 77), (1, 13)];
+        for cfg in configs {
+            let masks: Vec<BitMask> = shapes
+                .iter()
+                .map(|&(rows, cols)| {
+                    let mut m = BitMask::full(rows, cols);
+                    for row in 0..rows {
+                        // whole live words, whole dead words and mixed ones
+                        let p = [1.0, 0.0, 0.5][row % 3];
+                        for c in 0..cols {
+                            m.set(row, c, r.gen_bool(p));
+                        }
+                    }
+                    m
+                })
+                .collect();
+            let sizes: Vec<usize> = shapes.iter().map(|&(a, b)| a * b).collect();
+            let mut fused = Optimizer::new(cfg, &sizes);
+            let mut plain = Optimizer::new(cfg, &sizes);
+            let mut pf: Vec<Vec<f32>> = sizes
+                .iter()
+                .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
+                .collect();
+            let mut pp = pf.clone();
+            for step in 0..4 {
+                let grads: Vec<Vec<f32>> = sizes
+                    .iter()
+                    .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
+                    .collect();
+                // the last parameter stays unmasked
+                let live: Vec<Option<&BitMask>> = vec![Some(&masks[0]), Some(&masks[1]), None];
+                let mut gf = grads.clone();
+                {
+                    let mut ps: Vec<&mut [f32]> = pf.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let mut gs: Vec<&mut [f32]> = gf.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    fused.update_masked(&mut ps, &mut gs, 0.01, &live);
+                }
+                let mut gp = grads.clone();
+                let zero = |buf: &mut [f32], m: &BitMask| {
+                    for (j, x) in buf.iter_mut().enumerate() {
+                        if !m.get(j / m.cols(), j % m.cols()) {
+                            *x = 0.0;
+                        }
+                    }
+                };
+                for l in 0..2 {
+                    zero(&mut gp[l], &masks[l]);
+                }
+                {
+                    let mut ps: Vec<&mut [f32]> = pp.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let gs: Vec<&[f32]> = gp.iter().map(|v| v.as_slice()).collect();
+                    plain.update(&mut ps, &gs, 0.01);
+                }
+                for l in 0..2 {
+                    zero(&mut pp[l], &masks[l]);
+                }
+                for l in 0..3 {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&pf[l]),
+                        bits(&pp[l]),
+                        "{cfg:?} step {step} parameter {l}"
+                    );
+                    assert_eq!(
+                        bits(&gf[l]),
+                        bits(&gp[l]),
+                        "{cfg:?} step {step} gradient {l}"
+                    );
+                }
+            }
+            assert_eq!(fused.state_buffers(), plain.state_buffers(), "{cfg:?}");
+        }
     }
 }

@@ -17,6 +17,7 @@ use crate::measure::{self, GroupTraffic, LayerStats, PopulationStats};
 use crate::model::Mlp;
 use crate::optim::Optimizer;
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use bb_actuators::BitMask;
 use bb_core::{Activations, Pruner, RefreshReport};
 use dfdx::prelude::Device;
 use rand::seq::SliceRandom;
@@ -536,25 +537,32 @@ pub fn train_step<D: Device<f32>>(
         Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
         _ => None,
     };
-    if let Some(p) = pruner.as_deref() {
-        for (l, g) in out.grad_w.iter_mut().enumerate() {
-            p.mask_gradients(l, g)?;
-        }
-    }
     {
+        // The update zeroes the dead edges' gradients and values in the same pass (the
+        // pruner's `mask_gradients` and `apply_mask` in one).
         let (hw, hb) = model.host_params_mut();
         let mut params: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
         for (w, b) in hw.iter_mut().zip(hb.iter_mut()) {
             params.push(w);
             params.push(b);
         }
-        let grads: Vec<&[f32]> = out
-            .grad_w
-            .iter()
-            .zip(&out.grad_b)
-            .flat_map(|(w, b)| [w.as_slice(), b.as_slice()])
-            .collect();
-        opt.update(&mut params, &grads, lr);
+        let mut grads: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
+        for (w, b) in out.grad_w.iter_mut().zip(out.grad_b.iter_mut()) {
+            grads.push(w);
+            grads.push(b);
+        }
+        match pruner.as_deref() {
+            Some(p) => {
+                let live: Vec<Option<&BitMask>> = (0..n_layers)
+                    .flat_map(|l| [Some(p.mask(l)), None])
+                    .collect();
+                opt.update_masked(&mut params, &mut grads, lr, &live);
+            }
+            None => {
+                let grads: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+                opt.update(&mut params, &grads, lr);
+            }
+        }
     }
     let mut refresh = None;
     if let Some(p) = pruner {
@@ -566,8 +574,12 @@ pub fn train_step<D: Device<f32>>(
                 .map(|g| g.iter().map(|v| v.as_slice()).collect());
             refresh = p.step(&mut ws, gs.as_deref())?;
         }
-        for (l, w) in hw.iter_mut().enumerate() {
-            p.apply_mask(l, w)?;
+        if refresh.is_some() {
+            // the masks changed: the edges that died were zeroed by the refresh; this keeps
+            // every dead value at zero whatever the refresh did
+            for (l, w) in hw.iter_mut().enumerate() {
+                p.apply_mask(l, w)?;
+            }
         }
         for l in 0..n_layers {
             model.set_scale(l, p.scale(l))?;
