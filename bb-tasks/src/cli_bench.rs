@@ -34,13 +34,14 @@ fn wanted(args: &BenchArgs, section: &str) -> bool {
 }
 
 /// Steps per second of dense training and of BB training (SP-in and SP-out, refresh every 25
-/// steps) of an MLP, same process, same data, alternating repetitions.
-pub fn training_rows(
-    widths: &[usize],
-    batch: usize,
-    steps: usize,
-    reps: usize,
-) -> Result<Vec<Row>> {
+/// steps) of an MLP, same process, same data.
+///
+/// The three arms live side by side and take turns in blocks of 25 steps (one refresh period,
+/// so every BB block holds exactly one refresh), in rotating order, for `blocks` rounds after a
+/// warm-up past the first refresh; each arm's step time is the median over its blocks. Taking
+/// turns that often keeps slow drifts of the machine's speed out of the ratios.
+pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Vec<Row>> {
+    const BLOCK: usize = 25;
     let dev = Cpu::default();
     let x: Vec<f32> = random_vec(1, batch * widths[0])
         .iter()
@@ -58,52 +59,63 @@ pub fn training_rows(
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let pruner = |actuator: &str| -> Result<Pruner> {
         let cfg = PrunerConfig::from_toml_str(&format!(
-            "[schedule]\nwarmup_steps = 25\nrefresh_every = 25\n[policy]\nkind = \"balance\"\nbeta = 0.05\ntarget_density = 0.5\n[actuator]\nkind = \"{actuator}\"\n"
+            "[schedule]\nwarmup_steps = {BLOCK}\nrefresh_every = {BLOCK}\n[policy]\nkind = \"balance\"\nbeta = 0.05\ntarget_density = 0.5\n[actuator]\nkind = \"{actuator}\"\n"
         ))?;
         Ok(Pruner::new(
             cfg,
             bb_core::Topology::chain(&name_refs, widths)?,
         )?)
     };
-    // One timed run: `steps` steps after a warm-up past the first refresh.
-    let time = |arm: Option<&str>| -> Result<f64> {
-        let mut model = Mlp::new(&dev, widths, 0)?;
-        let mut opt = Optimizer::new(OptimizerConfig::default(), &sizes);
-        let mut p = arm.map(pruner).transpose()?;
-        for _ in 0..30 {
-            train_step(&mut model, &mut opt, p.as_mut(), &x, &y, batch, 1e-3)?;
-        }
+    let labels = [None, Some("sp_in"), Some("sp_out")];
+    let mut arms = Vec::new();
+    for arm in labels {
+        let model = Mlp::new(&dev, widths, 0)?;
+        let opt = Optimizer::new(OptimizerConfig::default(), &sizes);
+        arms.push((model, opt, arm.map(pruner).transpose()?));
+    }
+    let mut run = |i: usize, steps: usize| -> Result<f64> {
+        let (model, opt, p) = &mut arms[i];
         let t = Instant::now();
         for _ in 0..steps {
-            train_step(&mut model, &mut opt, p.as_mut(), &x, &y, batch, 1e-3)?;
+            train_step(model, opt, p.as_mut(), &x, &y, batch, 1e-3)?;
         }
         Ok(t.elapsed().as_secs_f64() / steps as f64)
     };
-    let arms = [None, Some("sp_in"), Some("sp_out")];
-    let mut best = [f64::INFINITY; 3];
-    for _ in 0..reps {
-        for (i, arm) in arms.iter().enumerate() {
-            best[i] = best[i].min(time(*arm)?);
+    // warm-up: past the first refresh (steps 1..=30), so every later block of 25 steps
+    // holds exactly one refresh
+    for i in 0..labels.len() {
+        run(i, BLOCK + 5)?;
+    }
+    let mut times = vec![Vec::with_capacity(blocks); labels.len()];
+    for b in 0..blocks.max(1) {
+        for j in 0..labels.len() {
+            let i = (b + j) % labels.len();
+            times[i].push(run(i, BLOCK)?);
         }
     }
+    let median = |t: &mut Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let med: Vec<f64> = times.iter_mut().map(median).collect();
     let w = widths
         .iter()
         .map(|w| w.to_string())
         .collect::<Vec<_>>()
         .join("-");
-    Ok(arms[1..]
+    Ok(labels[1..]
         .iter()
         .enumerate()
         .map(|(i, arm)| Row {
             section: "training",
             case: format!(
-                "MLP {w}, batch {batch}, Adam, BB {} refresh/25: {:.0} vs dense {:.0} steps/s",
+                "MLP {w}, batch {batch}, Adam, BB {} refresh/{BLOCK}: {:.0} vs dense {:.0} steps/s",
                 arm.unwrap_or("dense"),
-                1.0 / best[i + 1],
-                1.0 / best[0]
+                1.0 / med[i + 1],
+                1.0 / med[0]
             ),
-            time: std::time::Duration::from_secs_f64(best[i + 1]),
-            reference: std::time::Duration::from_secs_f64(best[0]),
+            time: std::time::Duration::from_secs_f64(med[i + 1]),
+            reference: std::time::Duration::from_secs_f64(med[0]),
             ratio_label: "x dense step time",
         })
         .collect())
@@ -159,10 +171,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if wanted(args, "training") {
         eprintln!("bb bench: training ...");
         if q {
-            rows.extend(training_rows(&[32, 16, 8, 4], 8, 5, 1)?);
+            rows.extend(training_rows(&[32, 16, 8, 4], 8, 2)?);
         } else {
-            rows.extend(training_rows(&[784, 300, 100, 10], 128, 500, 5)?);
-            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 60, 3)?);
+            rows.extend(training_rows(&[784, 300, 100, 10], 128, 61)?);
+            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 13)?);
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
