@@ -254,6 +254,9 @@ impl Optimizer {
     /// [`Optimizer::update`] and zeroing the dead values, but it is one pass over the memory
     /// instead of three: words of the mask with every value live run the plain loop, the
     /// others the same loop with the values ANDed with the word's lane masks.
+    ///
+    /// Panics, like [`Optimizer::update`], if the counts or lengths do not match the
+    /// parameters the optimizer was made for.
     pub fn update_masked(
         &mut self,
         params: &mut [&mut [f32]],
