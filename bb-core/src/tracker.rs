@@ -238,11 +238,23 @@ bb_actuators::multiversion! {
     /// Adds, per unit, how many rows of the batch-major `[batch, units]` buffer exceed `theta`;
     /// returns whether every value is finite (one pass, no early exit, so it vectorizes).
     fn count_rows(data: &[f32], units: usize, theta: f32, counts: &mut [f64]) -> bool {
+        // Integer lane counters for a tile of units, added to `counts` once per tile (exact:
+        // the counts are integers far below 2^32); the per-value work stays in 32-bit lanes.
+        const TILE: usize = 512;
         let mut bad = 0u32;
-        for row in data.chunks_exact(units) {
-            for (c, &x) in counts.iter_mut().zip(row) {
-                *c += f64::from(u8::from(x > theta));
-                bad |= u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        let mut tile = [0u32; TILE];
+        for t0 in (0..units).step_by(TILE) {
+            let t1 = (t0 + TILE).min(units);
+            let acc = &mut tile[..t1 - t0];
+            acc.fill(0);
+            for row in data.chunks_exact(units) {
+                for (c, &x) in acc.iter_mut().zip(&row[t0..t1]) {
+                    *c += u32::from(x > theta);
+                    bad |= u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+                }
+            }
+            for (c, &n) in counts[t0..t1].iter_mut().zip(acc.iter()) {
+                *c += f64::from(n);
             }
         }
         bad == 0

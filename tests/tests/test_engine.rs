@@ -30,6 +30,39 @@ fn ema_converges_at_its_decay_rate() {
     }
 }
 
+/// The plain `[batch, units]` path (tiles of units with integer counters) agrees with the
+/// unit-major path and a hand count, for a population spanning several tiles with a short
+/// last one, and finds a non-finite value in the last tile.
+#[test]
+fn batch_major_counts_agree_across_tiles() {
+    let (b, u) = (7, 1100);
+    let mut r = rng(4);
+    let bm: Vec<f32> = (0..b * u).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    let mut um = vec![0.0; bm.len()];
+    for bi in 0..b {
+        for ui in 0..u {
+            um[ui * b + bi] = bm[bi * u + ui];
+        }
+    }
+    let t = bb_core::tracker::EmaOnRate::default();
+    let (mut r1, mut r2, mut s) = (vec![0.5; u], vec![0.5; u], Vec::new());
+    t.observe(&mut r1, &Activations::batch_major(&bm, b, u), &mut s)
+        .unwrap();
+    t.observe(&mut r2, &Activations::unit_major(&um, u, 1, b), &mut s)
+        .unwrap();
+    assert_eq!(r1, r2);
+    for ui in [0, 511, 512, 1023, 1024, 1099] {
+        let on = (0..b).filter(|&bi| bm[bi * u + ui] > 0.0).count();
+        let want = 0.95 * 0.5 + 0.05 * on as f64 / b as f64;
+        assert!((r1[ui] - want).abs() < 1e-15, "unit {ui}");
+    }
+    let mut bad = bm.clone();
+    bad[3 * u + 1090] = f32::NAN;
+    assert!(t
+        .observe(&mut r1, &Activations::batch_major(&bad, b, u), &mut s)
+        .is_err());
+}
+
 /// The tracker reads every layout the same way: [batch, units, positions] and the
 /// channel-major [units, positions, batch].
 #[test]
