@@ -553,6 +553,23 @@ pub fn train_step<D: Device<f32>>(
         }
         match pruner.as_deref() {
             Some(p) => {
+                ensure!(
+                    p.topology().layers.len() == n_layers,
+                    "pruner has {} layers, the model {n_layers}",
+                    p.topology().layers.len()
+                );
+                for l in 0..n_layers {
+                    let m = p.mask(l);
+                    ensure!(
+                        (m.rows(), m.cols()) == (widths[l + 1], widths[l]),
+                        "{}: the pruner's mask is {}x{}, the layer's weights {}x{}",
+                        crate::model::layer_name(l),
+                        m.rows(),
+                        m.cols(),
+                        widths[l + 1],
+                        widths[l]
+                    );
+                }
                 let live: Vec<Option<&BitMask>> = (0..n_layers)
                     .flat_map(|l| [Some(p.mask(l)), None])
                     .collect();
