@@ -378,6 +378,16 @@ fn fused_columns(
     let thresholds = &scratch.thresholds;
     let rows_per = 16;
     let rl = cols * kl;
+    // Blocks of `rows_per` rows in parallel: `f(first row, mask words, weights, shadow)`.
+    let mut blocks = |f: &BlockFn<'_>| {
+        mask.words_mut()
+            .par_chunks_mut(rows_per * wpr)
+            .zip(weights.par_chunks_mut(rows_per * rl))
+            .zip(shadow.par_chunks_mut(rows_per * rl))
+            .enumerate()
+            .map(|(b, ((words, w), h))| f(b * rows_per, words, w, h))
+            .reduce(SyncStats::default, add)
+    };
     if kl == 1 {
         let cut = &mut scratch.cut;
         cut.resize(2 * cols, 0);
@@ -385,29 +395,17 @@ fn fused_columns(
             (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
         }
         let cut = &scratch.cut;
-        return Ok(mask
-            .words_mut()
-            .par_chunks_mut(rows_per * wpr)
-            .zip(weights.par_chunks_mut(rows_per * rl))
-            .zip(shadow.par_chunks_mut(rows_per * rl))
-            .enumerate()
-            .map(|(b, ((words, w), h))| {
-                crate::flat::rebuild_columns_block(cols, b * rows_per, regrow, cut, words, w, h)
-            })
-            .reduce(SyncStats::default, add));
+        return Ok(blocks(&|r0, words, w, h| {
+            crate::flat::rebuild_columns_block(cols, r0, regrow, cut, words, w, h)
+        }));
     }
-    let stats = mask
-        .words_mut()
-        .par_chunks_mut(rows_per * wpr)
-        .zip(weights.par_chunks_mut(rows_per * rl))
-        .zip(shadow.par_chunks_mut(rows_per * rl))
-        .enumerate()
-        .map(|(b, ((words, w), h))| {
-            rebuild_rows_fused(cols, kl, wpr, b * rows_per, regrow, thresholds, words, w, h)
-        })
-        .reduce(SyncStats::default, add);
-    Ok(stats)
+    Ok(blocks(&|r0, words, w, h| {
+        rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h)
+    }))
 }
+
+/// Work on one block of rows: `(first row, its mask words, weights, shadow)`.
+type BlockFn<'a> = dyn Fn(usize, &mut [u64], &mut [f32], &mut [f32]) -> SyncStats + Sync + 'a;
 
 crate::multiversion! {
     /// The threshold key of each column of a gathered strip (`rows` keys per column),
