@@ -5,7 +5,7 @@
 //! `f32` buffers (one or two per parameter) so checkpoints can store it exactly.
 
 use anyhow::{ensure, Result};
-use bb_actuators::{word_lanes, BitMask};
+use bb_actuators::BitMask;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -390,23 +390,18 @@ impl AdamStep {
         }
     }
 
-    /// [`Self::apply`] with the gradients and the updated values ANDed with `lanes`.
+    /// [`Self::apply`] on up to 32 values with the gradients and the updated values ANDed
+    /// with the lane masks of `bits` (lane `b` all ones where bit `b` is set).
     #[inline(always)]
-    fn apply_lanes(
-        &self,
-        p: &mut [f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        g: &mut [f32],
-        lanes: &[u32],
-    ) {
-        for ((((p, m), v), g), &k) in p
+    fn apply_lanes(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &mut [f32], bits: u32) {
+        for (b, (((p, m), v), g)) in p
             .iter_mut()
             .zip(m.iter_mut())
             .zip(v.iter_mut())
             .zip(g)
-            .zip(lanes)
+            .enumerate()
         {
+            let k = ((bits >> b) & 1).wrapping_neg();
             *g = f32::from_bits(g.to_bits() & k);
             self.one(p, m, v, *g);
             *p = f32::from_bits(p.to_bits() & k);
@@ -445,10 +440,12 @@ impl SgdStep {
         }
     }
 
-    /// [`Self::apply`] with the gradients and the updated values ANDed with `lanes`.
+    /// [`Self::apply`] on up to 32 values with the gradients and the updated values ANDed
+    /// with the lane masks of `bits`.
     #[inline(always)]
-    fn apply_lanes(&self, p: &mut [f32], vel: &mut [f32], g: &mut [f32], lanes: &[u32]) {
-        for (((p, vel), g), &k) in p.iter_mut().zip(vel.iter_mut()).zip(g).zip(lanes) {
+    fn apply_lanes(&self, p: &mut [f32], vel: &mut [f32], g: &mut [f32], bits: u32) {
+        for (b, ((p, vel), g)) in p.iter_mut().zip(vel.iter_mut()).zip(g).enumerate() {
+            let k = ((bits >> b) & 1).wrapping_neg();
             *g = f32::from_bits(g.to_bits() & k);
             self.one(p, vel, *g);
             *p = f32::from_bits(p.to_bits() & k);
@@ -478,26 +475,34 @@ impl Rule {
         }
     }
 
-    /// The update of `p[range]` with the gradients and values ANDed with `lanes`.
+    /// The update of `p[start..start + n]` (`n <= 64`) with the gradients and values ANDed
+    /// with the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask
+    /// is computed from its bit in the vector loop).
     #[inline(always)]
     fn lanes(
         &self,
-        r: Range<usize>,
+        (start, n): (usize, usize),
         p: &mut [f32],
         a: &mut [f32],
         b: &mut [f32],
         g: &mut [f32],
-        lanes: &[u32],
+        word: u64,
     ) {
-        match self {
-            Rule::Adam(k) => k.apply_lanes(
-                &mut p[r.clone()],
-                &mut a[r.clone()],
-                &mut b[r.clone()],
-                &mut g[r],
-                lanes,
-            ),
-            Rule::Sgd(k) => k.apply_lanes(&mut p[r.clone()], &mut a[r.clone()], &mut g[r], lanes),
+        for h in 0..n.div_ceil(32) {
+            let r = start + 32 * h..start + (32 * h + 32).min(n);
+            let bits = (word >> (32 * h)) as u32;
+            match self {
+                Rule::Adam(k) => k.apply_lanes(
+                    &mut p[r.clone()],
+                    &mut a[r.clone()],
+                    &mut b[r.clone()],
+                    &mut g[r],
+                    bits,
+                ),
+                Rule::Sgd(k) => {
+                    k.apply_lanes(&mut p[r.clone()], &mut a[r.clone()], &mut g[r], bits)
+                }
+            }
         }
     }
 }
@@ -573,7 +578,7 @@ bb_actuators::multiversion! {
                 if run < lo {
                     rule.plain(run..lo, p, a, b, g);
                 }
-                rule.lanes(lo..lo + n, p, a, b, g, &word_lanes(w)[..n]);
+                rule.lanes((lo, n), p, a, b, g, w);
                 run = lo + n;
             }
         }
