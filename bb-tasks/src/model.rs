@@ -296,6 +296,33 @@ impl<D: Device<f32>> Mlp<D> {
         batch: usize,
         keep_hidden: bool,
     ) -> Result<StepOutput> {
+        let none = None::<fn(&[Vec<f32>]) -> Result<()>>;
+        self.step_inner(x, labels, batch, keep_hidden, none)
+    }
+
+    /// [`Mlp::train_step`] that hands the hidden activations (batch-major, one buffer per
+    /// hidden layer) to `observe` as soon as the forward pass has made them: `observe` runs on
+    /// another thread of the rayon pool while this one runs the backward pass, so that work
+    /// such as [`bb_core::Pruner::observe`] costs no time of its own. Its error, if any, is
+    /// returned once the backward pass is done (this method changes no parameters).
+    pub fn train_step_observed(
+        &self,
+        x: &[f32],
+        labels: &[usize],
+        batch: usize,
+        observe: impl FnOnce(&[Vec<f32>]) -> Result<()> + Send,
+    ) -> Result<StepOutput> {
+        self.step_inner(x, labels, batch, true, Some(observe))
+    }
+
+    fn step_inner(
+        &self,
+        x: &[f32],
+        labels: &[usize],
+        batch: usize,
+        keep_hidden: bool,
+        observe: Option<impl FnOnce(&[Vec<f32>]) -> Result<()> + Send>,
+    ) -> Result<StepOutput> {
         self.check_input(x, batch)?;
         ensure!(
             labels.len() == batch,
@@ -328,7 +355,20 @@ impl<D: Device<f32>> Mlp<D> {
         let target = self.dev.tensor_from_vec(onehot, (batch, classes));
         let loss = contiguous_cross_entropy(logits, target);
         let loss_value = to_host(&loss.retaped::<NoneTape>())[0];
-        let mut grads = loss.backward();
+        let (mut grads, observed) = match observe {
+            None => (loss.backward(), Ok(())),
+            Some(f) => {
+                let mut observed = Ok(());
+                let hidden = &hidden;
+                let slot = &mut observed;
+                let grads = rayon::in_place_scope(|s| {
+                    s.spawn(move |_| *slot = f(hidden));
+                    loss.backward()
+                });
+                (grads, observed)
+            }
+        };
+        observed?;
         let mut grad_w = Vec::with_capacity(self.num_layers());
         let mut grad_b = Vec::with_capacity(self.num_layers());
         for l in 0..self.num_layers() {

@@ -523,16 +523,20 @@ pub fn train_step<D: Device<f32>>(
 ) -> Result<StepReport> {
     let widths = model.widths().to_vec();
     let n_layers = widths.len() - 1;
-    let mut out = model.train_step_with(x, y, batch, pruner.is_some())?;
-    if let Some(p) = pruner.as_deref_mut() {
-        p.observe("input", Activations::batch_major(x, batch, widths[0]))?;
-        for (h, acts) in out.hidden.iter().enumerate() {
-            p.observe(
-                &crate::model::layer_name(h),
-                Activations::batch_major(acts, batch, widths[h + 1]),
-            )?;
-        }
-    }
+    let mut out = match pruner.as_deref_mut() {
+        // the pruner observes the activations while the backward pass runs
+        Some(p) => model.train_step_observed(x, y, batch, |hidden| {
+            p.observe("input", Activations::batch_major(x, batch, widths[0]))?;
+            for (h, acts) in hidden.iter().enumerate() {
+                p.observe(
+                    &crate::model::layer_name(h),
+                    Activations::batch_major(acts, batch, widths[h + 1]),
+                )?;
+            }
+            Ok(())
+        })?,
+        None => model.train_step_with(x, y, batch, false)?,
+    };
     let dense_grads = match pruner.as_deref() {
         Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
         _ => None,

@@ -467,3 +467,30 @@ kind = "sp_in"
         assert!(hand[p].iter().any(|&a| a != 0.5), "the hand EMA moved");
     }
 }
+
+/// The pruner observes while the backward pass runs; an activation it rejects is still an
+/// error of the step, naming the population, and the step changes no parameter.
+#[test]
+fn an_observation_error_fails_the_step_and_changes_nothing() {
+    let dev = Cpu::default();
+    let widths = [4, 6, 5, 2];
+    let mut model = Mlp::new(&dev, &widths, 4).unwrap();
+    let mut opt = Optimizer::new(OptimizerConfig::default(), &[24, 6, 30, 5, 10, 2]);
+    let mut pr = pruner(&widths, SP_IN);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (mut x, y) = random_batch(&mut rng, 8, 4, 2);
+    x[5] = f32::INFINITY;
+    let before: Vec<Vec<u32>> = (0..3)
+        .map(|l| model.weights(l).iter().map(|v| v.to_bits()).collect())
+        .collect();
+    let err = train_step(&mut model, &mut opt, Some(&mut pr), &x, &y, 8, 1e-2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("input") && err.contains("non-finite"), "{err}");
+    for (l, b) in before.iter().enumerate() {
+        let now: Vec<u32> = model.weights(l).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(&now, b, "layer {l} changed");
+    }
+    assert!(!pr.observed("fc1"), "the step was not counted");
+    assert_eq!(pr.step_count(), 0);
+}
