@@ -38,7 +38,7 @@ pub use actuator::{
 };
 pub use error::ActuatorError;
 pub use fused::refresh_targets;
-pub use mask::{byte_lanes, word_lanes, BitMask};
+pub use mask::{byte_lanes, BitMask};
 pub use select::{
     key_of, select_top_k, threshold_key, threshold_key_bracketed, threshold_key_preserving,
     threshold_key_with, Histogram, NOT_A_CANDIDATE,

@@ -258,14 +258,3 @@ static BYTE_LANES: [[u32; 8]; 256] = {
 pub fn byte_lanes(byte: u8) -> &'static [u32; 8] {
     &BYTE_LANES[byte as usize]
 }
-
-/// The 64 bits of a mask word as lane masks (see [`byte_lanes`]): lane `b` of the result is
-/// all ones if bit `b` of `word` is set.
-#[inline]
-pub fn word_lanes(word: u64) -> [u32; 64] {
-    let mut out = [0u32; 64];
-    for (chunk, byte) in out.chunks_exact_mut(8).zip(word.to_le_bytes()) {
-        chunk.copy_from_slice(byte_lanes(byte));
-    }
-    out
-}
