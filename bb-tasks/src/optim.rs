@@ -475,19 +475,20 @@ impl Rule {
         }
     }
 
-    /// The update of `p[start..start + n]` (`n <= 64`) with the gradients and values ANDed
-    /// with the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask
-    /// is computed from its bit in the vector loop).
+    /// The update of `p[range]` (at most 64 values) with the gradients and values ANDed with
+    /// the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask is
+    /// computed from its bit in the vector loop).
     #[inline(always)]
     fn lanes(
         &self,
-        (start, n): (usize, usize),
+        range: Range<usize>,
         p: &mut [f32],
         a: &mut [f32],
         b: &mut [f32],
         g: &mut [f32],
         word: u64,
     ) {
+        let (start, n) = (range.start, range.len());
         for h in 0..n.div_ceil(32) {
             let r = start + 32 * h..start + (32 * h + 32).min(n);
             let bits = (word >> (32 * h)) as u32;
@@ -578,7 +579,7 @@ bb_actuators::multiversion! {
                 if run < lo {
                     rule.plain(run..lo, p, a, b, g);
                 }
-                rule.lanes((lo, n), p, a, b, g, w);
+                rule.lanes(lo..lo + n, p, a, b, g, w);
                 run = lo + n;
             }
         }
