@@ -762,12 +762,19 @@ impl Pruner {
             let spec = &topology.layers[l];
             let p = topology.pop_index(&spec.input).expect("validated");
             let traffic = (populations[p].observations > 0).then(|| {
-                let mut k = vec![0u32; st.shape.inp];
-                st.mask.col_counts_into(&mut k);
+                // Fan-outs: SP-out's degrees are the column counts already.
+                let mut fan_out = Vec::new();
+                let k: &[u32] = if side == Side::Columns {
+                    deg
+                } else {
+                    fan_out.resize(st.shape.inp, 0);
+                    st.mask.col_counts_into(&mut fan_out);
+                    &fan_out
+                };
                 let t: Vec<f64> = populations[p]
                     .rate
                     .iter()
-                    .zip(&k)
+                    .zip(k)
                     .map(|(&a, &k)| a * k as f64)
                     .collect();
                 TrafficStats {

@@ -417,8 +417,17 @@ fn long_slabs_without_regrow_keep_the_strongest_live_edges() {
 #[test]
 fn row_and_column_counts_match_naive_counts() {
     let mut r = rng(33);
-    // The last shape is large enough for the column counts to be split over the pool.
-    for (rows, cols) in [(1, 1), (3, 64), (17, 65), (40, 200), (5, 130), (1100, 4100)] {
+    // (300, 520) counts two groups of four word columns and a partial word on one thread;
+    // the last shape is large enough for the column counts to be split over the pool.
+    for (rows, cols) in [
+        (1, 1),
+        (3, 64),
+        (17, 65),
+        (40, 200),
+        (5, 130),
+        (300, 520),
+        (1100, 4100),
+    ] {
         let mut m = BitMask::empty(rows, cols);
         for o in 0..rows {
             for i in 0..cols {
