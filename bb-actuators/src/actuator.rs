@@ -135,6 +135,10 @@ pub struct ActuatorScratch {
     pub(crate) cut: Vec<u32>,
     /// Per worker: SP-out's column counts and bracket keys.
     pub(crate) columns: Vec<crate::flat::ColumnScratch>,
+    /// SP-out: the mask words of the columns that kept their brackets (one per mask word).
+    pub(crate) pre: Vec<u64>,
+    /// SP-out: per mask-word column, whether all its columns kept their brackets.
+    pub(crate) done: Vec<bool>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.

@@ -1,6 +1,7 @@
 //! The fused refresh of plain matrices (one weight per edge), on 32-bit score bits.
 //!
-//! An edge's score is the magnitude of its weight if live, of its shadow value if dead; the
+//! An edge's score is the magnitude of its weight if live, of its shadow value if dead
+//! (without regrowth dead edges are not candidates, and the shadow is not read at all); the
 //! magnitude's bits, as a `u32`, order like the score, and a vector holds twice as many of
 //! them as of the 64-bit selection keys. Every slab remembers the key range its threshold
 //! fell in at the last refresh (its bracket, see [`crate::select`]).
@@ -48,7 +49,7 @@ trait Kernels {
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
     /// Columns: scores one word of row `r` into `bits`, adds each column's "bits >= lo[j]"
     /// and "bits >= hi[j]" to its counters, and returns whether a scored value is
-    /// non-finite and which columns lie in their `lo[j]..hi[j]`.
+    /// non-finite, which columns lie in their `lo[j]..hi[j]` and which reach their `hi[j]`.
     #[allow(clippy::too_many_arguments)]
     fn count_columns(
         word: u64,
@@ -59,7 +60,7 @@ trait Kernels {
         hi: &[u32],
         counts: (&mut [u32], &mut [u32]),
         bits: &mut [u32; 64],
-    ) -> (bool, u64);
+    ) -> (bool, u64, u64);
     /// Columns: the new mask word of row `r`, each column `j` against its own threshold
     /// (score bits `ts[j]`, row `ti[j]`).
     #[allow(clippy::too_many_arguments)]
@@ -89,11 +90,15 @@ struct WordScore {
 }
 
 /// The score bits of an edge from its live bit (all ones or zero), weight and shadow
-/// value, and whether the value scored is non-finite; 0 for a non-candidate.
+/// value, and whether the value scored is non-finite; 0 (and finite) for a non-candidate,
+/// whose values are not looked at.
 #[inline(always)]
 fn lane(live: u32, cand: u32, x: f32, y: f32) -> (u32, bool) {
     let v = (x.to_bits() & live) | (y.to_bits() & !live);
-    (v & 0x7fff_ffff & cand, v & 0x7f80_0000 == 0x7f80_0000)
+    (
+        v & 0x7fff_ffff & cand,
+        (v & 0x7f80_0000 == 0x7f80_0000) & (cand != 0),
+    )
 }
 
 /// Plain loops, vectorized by the compiler for whatever the build targets.
@@ -111,6 +116,8 @@ impl Kernels for Portable {
         bits: &mut [u32],
     ) -> WordScore {
         let all = u32::from(regrow).wrapping_neg();
+        // Without regrowth dead edges are not candidates: their shadow values are not read.
+        let h = if regrow { h } else { w };
         let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
         let mut high = 0u64;
         for (half, ((bh, wh), hh)) in bits
@@ -168,17 +175,18 @@ impl Kernels for Portable {
         hi: &[u32],
         counts: (&mut [u32], &mut [u32]),
         bits: &mut [u32; 64],
-    ) -> (bool, u64) {
+    ) -> (bool, u64, u64) {
         let all = u32::from(regrow).wrapping_neg();
+        let h = if regrow { h } else { w };
         let (cl, ch) = counts;
-        let (mut bad, mut inr) = (0u32, 0u64);
+        let (mut bad, mut inr, mut high) = (0u32, 0u64, 0u64);
         for (half, range) in [(0, 0..32), (1, 32..64)] {
             let end = range.end.min(w.len());
             if range.start >= end {
                 break;
             }
             let live32 = (word >> (32 * half)) as u32;
-            let mut m = 0u32;
+            let (mut m, mut g) = (0u32, 0u32);
             for (b, c) in (range.start..end).enumerate() {
                 let live = ((live32 >> b) & 1).wrapping_neg();
                 let (s, nf) = lane(live, live | all, w[c], h[c]);
@@ -188,10 +196,12 @@ impl Kernels for Portable {
                 cl[c] += u32::from(a);
                 ch[c] += u32::from(z);
                 m |= u32::from(a & !z) << b;
+                g |= u32::from(z) << b;
             }
             inr |= u64::from(m) << (32 * half);
+            high |= u64::from(g) << (32 * half);
         }
-        (bad != 0, inr)
+        (bad != 0, inr, high)
     }
 
     #[inline(always)]
@@ -205,6 +215,7 @@ impl Kernels for Portable {
         ti: &[u32],
     ) -> u64 {
         let all = u32::from(regrow).wrapping_neg();
+        let h = if regrow { h } else { w };
         let mut sel = 0u64;
         for (half, range) in [(0, 0..32), (1, 32..64)] {
             let end = range.end.min(w.len());
@@ -224,8 +235,26 @@ impl Kernels for Portable {
     }
 }
 
+/// The four 16-bit lane masks of a word's vectors as one word, joined in mask registers.
+///
+/// # Safety
+/// Only for code compiled with `avx512bw` (see [`rows_flat_block`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn join(m: [u16; 4]) -> u64 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        _mm512_kunpackd(
+            u64::from(_mm512_kunpackw(u32::from(m[3]), u32::from(m[2]))),
+            u64::from(_mm512_kunpackw(u32::from(m[1]), u32::from(m[0]))),
+        )
+    }
+}
+
 /// AVX-512 versions: a mask word's 16-bit quarters are the lane masks of four vectors.
-/// Only called from code compiled with `avx512f` (see [`rows_flat_block`]); partial words
+/// Only called from code compiled with `avx512f` and `avx512bw` (see [`rows_flat_block`]),
+/// whose mask instructions join the four quarters into a word; partial words
 /// (the end of a row whose length is not a multiple of 64) go to [`Portable`].
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
@@ -247,39 +276,40 @@ impl Kernels for Avx512 {
             return Portable::score(word, w, h, regrow, lo, hi, bits);
         }
         let cand = if regrow { u64::MAX } else { word };
-        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u16, 0u32, 0u32, 0u64);
-        let mut high = 0u64;
+        let mut bad = 0u16;
+        let (mut a, mut z) = ([0u16; 4], [0u16; 4]);
         // SAFETY: the three slices hold at least 64 values (checked above), so every load
-        // and store below is in bounds; the CPU supports AVX-512F (the caller's contract).
-        unsafe {
+        // and store below is in bounds; the CPU supports AVX-512F and BW (the caller's
+        // contract).
+        let (above, high) = unsafe {
             let exp = _mm512_set1_epi32(0x7f80_0000);
             let abs = _mm512_set1_epi32(0x7fff_ffff);
             let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
             for q in 0..4 {
                 let live = (word >> (16 * q)) as u16;
                 let c = (cand >> (16 * q)) as u16;
-                let x = _mm512_loadu_epi32(w.as_ptr().add(16 * q).cast());
-                let y = _mm512_loadu_epi32(h.as_ptr().add(16 * q).cast());
-                let v = _mm512_mask_blend_epi32(live, y, x);
+                let v = if regrow {
+                    let x = _mm512_loadu_epi32(w.as_ptr().add(16 * q).cast());
+                    let y = _mm512_loadu_epi32(h.as_ptr().add(16 * q).cast());
+                    _mm512_mask_blend_epi32(live, y, x)
+                } else {
+                    // Dead edges are not candidates: the shadow is not read.
+                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(16 * q).cast())
+                };
                 bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                 let s = _mm512_maskz_and_epi32(c, v, abs);
                 _mm512_storeu_epi32(bits.as_mut_ptr().add(16 * q).cast(), s);
-                let (a, z) = (
-                    _mm512_cmpge_epu32_mask(s, vlo),
-                    _mm512_cmpge_epu32_mask(s, vhi),
-                );
-                above_lo += a.count_ones();
-                above_hi += z.count_ones();
-                inside |= u64::from(a & !z) << (16 * q);
-                high |= u64::from(z) << (16 * q);
+                a[q] = _mm512_cmpge_epu32_mask(s, vlo);
+                z[q] = _mm512_cmpge_epu32_mask(s, vhi);
             }
-        }
+            (join(a), join(z))
+        };
         WordScore {
             non_finite: bad != 0,
-            above_lo,
-            above_hi,
+            above_lo: above.count_ones(),
+            above_hi: high.count_ones(),
             high,
-            inside,
+            inside: above & !high,
         }
     }
 
@@ -289,20 +319,19 @@ impl Kernels for Avx512 {
         if bits.len() < 64 {
             return Portable::select(bits, c0, ts, ti);
         }
-        let mut sel = 0u64;
-        // SAFETY: `bits` holds at least 64 values; AVX-512F is the caller's contract.
+        let mut sel = [0u16; 4];
+        // SAFETY: `bits` holds at least 64 values; AVX-512F and BW are the caller's contract.
         unsafe {
             let (vts, vti) = (_mm512_set1_epi32(ts as i32), _mm512_set1_epi32(ti as i32));
             let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            for q in 0..4 {
+            for (q, k) in sel.iter_mut().enumerate() {
                 let s = _mm512_loadu_epi32(bits.as_ptr().add(16 * q).cast());
                 let c = _mm512_add_epi32(_mm512_set1_epi32((c0 + 16 * q as u32) as i32), iota);
                 let eq = _mm512_cmpeq_epi32_mask(s, vts);
-                let k = _mm512_cmpgt_epu32_mask(s, vts) | _mm512_mask_cmple_epu32_mask(eq, c, vti);
-                sel |= u64::from(k) << (16 * q);
+                *k = _mm512_cmpgt_epu32_mask(s, vts) | _mm512_mask_cmple_epu32_mask(eq, c, vti);
             }
+            join(sel)
         }
-        sel
     }
 
     #[inline(always)]
@@ -315,7 +344,7 @@ impl Kernels for Avx512 {
         hi: &[u32],
         counts: (&mut [u32], &mut [u32]),
         bits: &mut [u32; 64],
-    ) -> (bool, u64) {
+    ) -> (bool, u64, u64) {
         use std::arch::x86_64::*;
         let (cl, ch) = counts;
         if [w.len(), h.len(), lo.len(), hi.len(), cl.len(), ch.len()]
@@ -325,18 +354,24 @@ impl Kernels for Avx512 {
             return Portable::count_columns(word, w, h, regrow, lo, hi, (cl, ch), bits);
         }
         let cand = if regrow { u64::MAX } else { word };
-        let (mut bad, mut inr) = (0u16, 0u64);
-        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F is the
-        // caller's contract.
+        let mut bad = 0u16;
+        let (mut above, mut high) = ([0u16; 4], [0u16; 4]);
+        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F and BW are
+        // the caller's contract.
         unsafe {
             let exp = _mm512_set1_epi32(0x7f80_0000);
             let abs = _mm512_set1_epi32(0x7fff_ffff);
             let one = _mm512_set1_epi32(1);
             for q in 0..4 {
                 let at = 16 * q;
-                let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
-                let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
-                let v = _mm512_mask_blend_epi32((word >> at) as u16, y, x);
+                let live = (word >> at) as u16;
+                let v = if regrow {
+                    let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+                    let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+                    _mm512_mask_blend_epi32(live, y, x)
+                } else {
+                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
+                };
                 bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                 let sv = _mm512_maskz_and_epi32((cand >> at) as u16, v, abs);
                 _mm512_storeu_epi32(bits.as_mut_ptr().add(at).cast(), sv);
@@ -352,10 +387,11 @@ impl Kernels for Avx512 {
                     ph,
                     _mm512_mask_add_epi32(_mm512_loadu_epi32(ph), z, _mm512_loadu_epi32(ph), one),
                 );
-                inr |= u64::from(a & !z) << at;
+                (above[q], high[q]) = (a, z);
             }
+            let (a, z) = (join(above), join(high));
+            (bad != 0, a & !z, z)
         }
-        (bad != 0, inr)
     }
 
     #[inline(always)]
@@ -375,17 +411,22 @@ impl Kernels for Avx512 {
         {
             return Portable::select_columns(word, w, h, regrow, r, ts, ti);
         }
-        let mut sel = 0u64;
-        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F is the
-        // caller's contract.
-        unsafe {
+        let mut sel = [0u16; 4];
+        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F and BW are
+        // the caller's contract.
+        let sel = unsafe {
             let abs = _mm512_set1_epi32(0x7fff_ffff);
             let vr = _mm512_set1_epi32(r as i32);
-            for q in 0..4 {
+            for (q, k) in sel.iter_mut().enumerate() {
                 let at = 16 * q;
-                let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
-                let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
-                let v = _mm512_mask_blend_epi32((word >> at) as u16, y, x);
+                let live = (word >> at) as u16;
+                let v = if regrow {
+                    let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+                    let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+                    _mm512_mask_blend_epi32(live, y, x)
+                } else {
+                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
+                };
                 let sv = _mm512_and_si512(v, abs);
                 let t = _mm512_loadu_epi32(ts.as_ptr().add(at).cast());
                 let eq = _mm512_cmpeq_epi32_mask(sv, t);
@@ -394,9 +435,10 @@ impl Kernels for Avx512 {
                     vr,
                     _mm512_loadu_epi32(ti.as_ptr().add(at).cast()),
                 );
-                sel |= u64::from(_mm512_cmpgt_epu32_mask(sv, t) | tie) << at;
+                *k = _mm512_cmpgt_epu32_mask(sv, t) | tie;
             }
-        }
+            join(sel)
+        };
         sel & (word | u64::from(regrow).wrapping_neg())
     }
 }
@@ -410,13 +452,14 @@ macro_rules! kernel_entry {
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,popcnt")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn widest($($arg: $ty),*) -> $ret {
                     $inner::<Avx512>($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("popcnt")
                 {
                     // SAFETY: `widest` only needs the CPU features checked just above.
@@ -701,6 +744,11 @@ pub(crate) struct ColumnScratch {
 /// counts every column's scores against its remembered bracket and keeps the few keys
 /// inside. Each column whose threshold is still in its bracket gets it in `thresholds`
 /// (and a new bracket in `hints`); the others are left at 0 for a selection from scratch.
+///
+/// The same pass writes `scratch.pre` (one word per mask word): the edges at or above
+/// their column's bracket, to which the edges inside it that reach the column's threshold
+/// are then added. For a word whose columns all kept their brackets that is the new mask
+/// word, and the last pass need not read its weights again.
 /// Returns the first row with a non-finite score (nothing is written to the layer).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn column_brackets(
@@ -737,14 +785,17 @@ pub(crate) fn column_brackets(
         scratch.columns.resize_with(used, ColumnScratch::default);
     }
     let cut = &scratch.cut;
+    scratch.pre.clear();
+    scratch.pre.resize(rows * wpr, 0);
     words
         .par_chunks(rows_per * wpr)
         .zip(w.par_chunks(rows_per * cols))
         .zip(h.par_chunks(rows_per * cols))
+        .zip(scratch.pre.par_chunks_mut(rows_per * wpr))
         .zip(scratch.columns[..used].par_iter_mut())
         .enumerate()
-        .for_each(|(b, (((mw, wr), hr), cs))| {
-            count_columns_block(cols, b * rows_per, regrow, mw, wr, hr, cut, cs);
+        .for_each(|(b, ((((mw, wr), hr), pre), cs))| {
+            count_columns_block(cols, b * rows_per, regrow, mw, wr, hr, cut, pre, cs);
         });
     let columns = &scratch.columns[..used];
     if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
@@ -787,12 +838,36 @@ pub(crate) fn column_brackets(
                 hint.copy_from_slice(&bracket_around(*t));
             }
         });
+    // The inside keys that reach their column's threshold join `pre`, each worker in its
+    // own rows.
+    let thresholds = &scratch.thresholds;
+    scratch
+        .pre
+        .par_chunks_mut(rows_per * wpr)
+        .zip(columns.par_iter())
+        .enumerate()
+        .for_each(|(b, (pre, cs))| {
+            let r0 = b * rows_per;
+            for (c, &t) in thresholds.iter().enumerate() {
+                if t == 0 {
+                    continue;
+                }
+                let l = cs.counts[2 * cols + c] as usize;
+                for &key in &cs.lists[c * LIST_CAP..c * LIST_CAP + l] {
+                    if key >= t {
+                        let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                        pre[(r - r0) * wpr + c / 64] |= 1 << (c % 64);
+                    }
+                }
+            }
+        });
     Ok(())
 }
 
 kernel_entry! {
     /// [`column_brackets`]' pass over rows `r0..` (mask words `words`, weights `w`, shadow
-    /// `h`), with the columns' bracket ends in `cut` (`[lo; cols]` then `[hi; cols]`).
+    /// `h`), with the columns' bracket ends in `cut` (`[lo; cols]` then `[hi; cols]`); the
+    /// edges at or above their column's bracket go to `pre` (one word per mask word).
     fn count_columns_block = count_columns_rows(
         cols: usize,
         r0: usize,
@@ -801,6 +876,7 @@ kernel_entry! {
         w: &[f32],
         h: &[f32],
         cut: &[u32],
+        pre: &mut [u64],
         cs: &mut ColumnScratch,
     ) -> ()
 }
@@ -815,6 +891,7 @@ fn count_columns_rows<K: Kernels>(
     w: &[f32],
     h: &[f32],
     cut: &[u32],
+    pre: &mut [u64],
     cs: &mut ColumnScratch,
 ) {
     let wpr = cols.div_ceil(64);
@@ -828,16 +905,17 @@ fn count_columns_rows<K: Kernels>(
     let (cl, rest) = cs.counts.split_at_mut(cols);
     let (ch, lens) = rest.split_at_mut(cols);
     let mut bits = [0u32; 64];
-    for (i, ((mw, wr), hr)) in words
+    for (i, (((mw, wr), hr), pw)) in words
         .chunks(wpr)
         .zip(w.chunks(cols))
         .zip(h.chunks(cols))
+        .zip(pre.chunks_mut(wpr))
         .enumerate()
     {
         let r = r0 + i;
-        for (wi, &word) in mw.iter().enumerate() {
+        for (wi, (&word, p)) in mw.iter().zip(pw.iter_mut()).enumerate() {
             let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
-            let (bad, mut inside) = K::count_columns(
+            let (bad, mut inside, high) = K::count_columns(
                 word,
                 &wr[c0..c1],
                 &hr[c0..c1],
@@ -851,6 +929,7 @@ fn count_columns_rows<K: Kernels>(
                 cs.bad = Some(r);
                 return;
             }
+            *p = high;
             while inside != 0 {
                 let j = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
@@ -869,12 +948,16 @@ fn count_columns_rows<K: Kernels>(
 kernel_entry! {
     /// SP-out's last pass on rows `r0..` of a plain matrix: every mask word rebuilt against
     /// the columns' thresholds (`cut`: score bits `[ts; cols]`, then rows `[ti; cols]`), and
-    /// the weights of edges that changed state moved.
+    /// the weights of edges that changed state moved. A word whose columns all kept their
+    /// brackets (`done[word]`) is taken from `pre` (see [`column_brackets`]; the block's
+    /// rows, one word per mask word, needed only then) without reading its weights.
     fn rebuild_columns_block = rebuild_columns_rows(
         cols: usize,
         r0: usize,
         regrow: bool,
         cut: &[u32],
+        done: &[bool],
+        pre: &[u64],
         words: &mut [u64],
         w: &mut [f32],
         h: &mut [f32],
@@ -888,6 +971,8 @@ fn rebuild_columns_rows<K: Kernels>(
     r0: usize,
     regrow: bool,
     cut: &[u32],
+    done: &[bool],
+    pre: &[u64],
     words: &mut [u64],
     w: &mut [f32],
     h: &mut [f32],
@@ -902,18 +987,22 @@ fn rebuild_columns_rows<K: Kernels>(
         .enumerate()
     {
         let r = (r0 + i) as u32;
-        for (wi, ow) in mw.iter_mut().enumerate() {
+        for (wi, (ow, &d)) in mw.iter_mut().zip(done).enumerate() {
             let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
             let old = *ow;
-            let new = K::select_columns(
-                old,
-                &wr[c0..c1],
-                &hr[c0..c1],
-                regrow,
-                r,
-                &ts[c0..c1],
-                &ti[c0..c1],
-            );
+            let new = if d {
+                pre[i * wpr + wi]
+            } else {
+                K::select_columns(
+                    old,
+                    &wr[c0..c1],
+                    &hr[c0..c1],
+                    regrow,
+                    r,
+                    &ts[c0..c1],
+                    &ti[c0..c1],
+                )
+            };
             if new != old {
                 st = add(
                     st,

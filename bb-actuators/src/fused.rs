@@ -31,7 +31,9 @@ use rayon::prelude::*;
 /// A non-finite score is an error naming the buffer and flat index of the first bad value.
 /// With columns nothing has changed when it is returned; with rows, every row holding a
 /// non-finite value is left exactly as it was and the other rows have been refreshed (each
-/// row's mask and weights stay consistent either way).
+/// row's mask and weights stay consistent either way). Without `regrow` only live edges are
+/// candidates: the shadow values of dead ones are neither read nor checked (they cannot
+/// come back, and a dead edge that is kept dead is not moved).
 #[allow(clippy::too_many_arguments)]
 pub fn refresh_targets(
     side: Side,
@@ -65,7 +67,7 @@ pub fn refresh_targets(
             )
         }
     };
-    bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, row))
+    bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, regrow, row))
 }
 
 /// The score of edge `c` of a row: kernel-summed `|value|` from the weights if live, from
@@ -86,11 +88,13 @@ fn score(kl: usize, live: bool, w: &[f32], h: &[f32], c: usize) -> f32 {
 #[inline(always)]
 fn keys_word(word: u64, w: &[f32], h: &[f32], lo: usize, regrow: bool, keys: &mut [u64]) -> bool {
     let all = u64::from(regrow).wrapping_neg();
+    // Without regrowth the dead edges are not candidates: their shadow values are not read.
+    let h = if regrow { h } else { w };
     let mut bad = 0u32;
     for (b, ((key, &x), &y)) in keys.iter_mut().zip(w).zip(h).enumerate() {
         let live = ((word >> b) & 1).wrapping_neg();
         let bits = (x.to_bits() & live as u32) | (y.to_bits() & !(live as u32));
-        bad |= u32::from(bits & 0x7f80_0000 == 0x7f80_0000);
+        bad |= u32::from(bits & 0x7f80_0000 == 0x7f80_0000) & ((live | all) as u32 & 1);
         // key_of(|v|, index): the magnitude's bits above the reversed index.
         let k = (u64::from(bits & 0x7fff_ffff) << 32) | (u64::from(u32::MAX) - (lo + b) as u64);
         *key = k & (live | all);
@@ -254,7 +258,8 @@ crate::multiversion! {
                 let lo = wi * 64;
                 for (b, key) in kc.iter_mut().enumerate() {
                     let live = (word >> b) & 1 == 1;
-                    let v = score(kl, live, wr, hr, lo + b);
+                    // Dead edges are not candidates without regrowth: not read.
+                    let v = if live || regrow { score(kl, live, wr, hr, lo + b) } else { 0.0 };
                     finite &= v.is_finite();
                     *key = edge_key(v, lo + b, live, regrow);
                 }
@@ -324,6 +329,14 @@ fn fused_columns(
             scratch,
         )?;
     }
+    // The words whose columns all kept their brackets are rebuilt from `scratch.pre`.
+    scratch.done.clear();
+    scratch.done.extend(
+        scratch
+            .thresholds
+            .chunks(64)
+            .map(|t| kl == 1 && t.iter().all(|&x| x != 0)),
+    );
     let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
     // Pass 1: every column's threshold; nothing is written to the layer yet.
     let bad = {
@@ -394,9 +407,14 @@ fn fused_columns(
         for (c, &t) in thresholds.iter().enumerate() {
             (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
         }
-        let cut = &scratch.cut;
+        let (cut, done, pre) = (&scratch.cut, &scratch.done, &scratch.pre);
         return Ok(blocks(&|r0, words, w, h| {
-            crate::flat::rebuild_columns_block(cols, r0, regrow, cut, words, w, h)
+            let pre = if done.iter().any(|&d| d) {
+                &pre[r0 * wpr..]
+            } else {
+                &[]
+            };
+            crate::flat::rebuild_columns_block(cols, r0, regrow, cut, done, pre, words, w, h)
         }));
     }
     Ok(blocks(&|r0, words, w, h| {
@@ -485,7 +503,7 @@ crate::multiversion! {
             let mut finite = true;
             for j in 0..width {
                 let live = (word >> j) & 1 == 1;
-                let v = score(kl, live, wr, hr, s0 + j);
+                let v = if live || regrow { score(kl, live, wr, hr, s0 + j) } else { 0.0 };
                 finite &= v.is_finite();
                 keys[j * rows + r] = edge_key(v, r, live, regrow);
             }
@@ -528,7 +546,8 @@ crate::multiversion! {
                 let mut bits = 0u64;
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
                     let live = (old >> b) & 1 == 1;
-                    let key = edge_key(score(kl, live, wr, hr, lo + b), r, live, regrow);
+                    let v = if live || regrow { score(kl, live, wr, hr, lo + b) } else { 0.0 };
+                    let key = edge_key(v, r, live, regrow);
                     bits |= u64::from(key >= thr) << b;
                 }
                 let off = lo * kl;

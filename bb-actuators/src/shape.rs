@@ -122,18 +122,20 @@ pub fn edge_scores(
         })
         .min();
     match bad {
-        Some(o) => Err(first_non_finite(shape, weights, shadow, mask, o)),
+        Some(o) => Err(first_non_finite(shape, weights, shadow, mask, true, o)),
         None => Ok(()),
     }
 }
 
 /// The error naming the first non-finite value (or non-finite kernel sum) of row `o`, whose
-/// scores are known to hold one: the weights of live edges, the shadow of dead ones.
+/// scores are known to hold one: the weights of live edges, the shadow of dead ones (which
+/// are scored only with `regrow`).
 pub(crate) fn first_non_finite(
     shape: &EdgeShape,
     weights: &[f32],
     shadow: &[f32],
     mask: &BitMask,
+    regrow: bool,
     o: usize,
 ) -> ActuatorError {
     let (cols, kl) = (shape.inp, shape.kernel_len());
@@ -141,8 +143,10 @@ pub(crate) fn first_non_finite(
         let e = o * cols + c;
         let (what, src) = if mask.get(o, c) {
             ("weights", weights)
-        } else {
+        } else if regrow {
             ("shadow", shadow)
+        } else {
+            continue;
         };
         let w = &src[e * kl..(e + 1) * kl];
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
