@@ -47,6 +47,8 @@ trait Kernels {
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
+    /// Which of the word's edges have score bits `>= lo`.
+    fn at_least(bits: &[u32], lo: u32) -> u64;
     /// Columns: scores one word of row `r` into `bits`, adds each column's "bits >= lo[j]"
     /// and "bits >= hi[j]" to its counters, and returns whether a scored value is
     /// non-finite, which columns lie in their `lo[j]..hi[j]` and which reach their `hi[j]`.
@@ -166,6 +168,19 @@ impl Kernels for Portable {
     }
 
     #[inline(always)]
+    fn at_least(bits: &[u32], lo: u32) -> u64 {
+        let mut m = 0u64;
+        for (half, bh) in bits.chunks(32).enumerate() {
+            let mut x = 0u32;
+            for (b, &s) in bh.iter().enumerate() {
+                x |= u32::from(s >= lo) << b;
+            }
+            m |= u64::from(x) << (32 * half);
+        }
+        m
+    }
+
+    #[inline(always)]
     fn count_columns(
         word: u64,
         w: &[f32],
@@ -235,6 +250,27 @@ impl Kernels for Portable {
     }
 }
 
+/// Asks for the cache line [`PREFETCH_AHEAD`] values past `w[at]` (and `h[at]` when the
+/// shadow is read): the row loops' selection work between loads leaves the hardware
+/// prefetchers behind (about 15 % of a 4096x4096 SP-in refresh on the build machine).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(w: &[f32], h: &[f32], shadow: bool, at: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: a prefetch never faults, and the address is only computed (wrapping), not
+    // dereferenced.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
+        if shadow {
+            _mm_prefetch::<_MM_HINT_T0>(h.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
+        }
+    }
+}
+
+/// How far ahead [`prefetch_ahead`] reaches, in values (4 KiB).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 1024;
+
 /// The four 16-bit lane masks of a word's vectors as one word, joined in mask registers.
 ///
 /// # Safety
@@ -288,6 +324,7 @@ impl Kernels for Avx512 {
             for q in 0..4 {
                 let live = (word >> (16 * q)) as u16;
                 let c = (cand >> (16 * q)) as u16;
+                prefetch_ahead(w, h, regrow, 16 * q);
                 let v = if regrow {
                     let x = _mm512_loadu_epi32(w.as_ptr().add(16 * q).cast());
                     let y = _mm512_loadu_epi32(h.as_ptr().add(16 * q).cast());
@@ -335,6 +372,24 @@ impl Kernels for Avx512 {
     }
 
     #[inline(always)]
+    fn at_least(bits: &[u32], lo: u32) -> u64 {
+        use std::arch::x86_64::*;
+        if bits.len() < 64 {
+            return Portable::at_least(bits, lo);
+        }
+        let mut m = [0u16; 4];
+        // SAFETY: `bits` holds at least 64 values; AVX-512F and BW are the caller's contract.
+        unsafe {
+            let vlo = _mm512_set1_epi32(lo as i32);
+            for (q, k) in m.iter_mut().enumerate() {
+                let s = _mm512_loadu_epi32(bits.as_ptr().add(16 * q).cast());
+                *k = _mm512_cmpge_epu32_mask(s, vlo);
+            }
+            join(m)
+        }
+    }
+
+    #[inline(always)]
     fn count_columns(
         word: u64,
         w: &[f32],
@@ -365,6 +420,7 @@ impl Kernels for Avx512 {
             for q in 0..4 {
                 let at = 16 * q;
                 let live = (word >> at) as u16;
+                prefetch_ahead(w, h, regrow, at);
                 let v = if regrow {
                     let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
                     let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
@@ -517,6 +573,7 @@ fn flat_rows<K: Kernels>(
     let mut st = SyncStats::default();
     let mut bad = None;
     let all = u64::from(regrow).wrapping_neg();
+    let (hl, cap) = (row_hint_len(cols), row_hint_len(cols) - 4);
     let mut new = [0u64; 64];
     for (i, ((mw, wr), hr)) in words
         .chunks_mut(wpr)
@@ -526,43 +583,81 @@ fn flat_rows<K: Kernels>(
     {
         let r = r0 + i;
         let k = targets[r] as usize;
-        let bracket: &mut [u64; 2] = (&mut hints[2 * i..2 * i + 2]).try_into().expect("two");
+        let hint = &mut hints[i * hl..(i + 1) * hl];
         // The bracket's ends have zero low halves (see `bracket_around`), so for a
         // candidate "key >= end" is "score bits >= the end's high half". A zero lower end
         // would also count the non-candidates (bits 0): such a bracket is not used.
-        let (slo, shi) = ((bracket[0] >> 32) as u32, (bracket[1] >> 32) as u32);
+        let (slo, shi) = ((hint[0] >> 32) as u32, (hint[1] >> 32) as u32);
         let usable = slo > 0 && slo < shi && k > 0 && k < cols;
         let (slo, shi) = if usable {
             (slo, shi)
         } else {
             (u32::MAX, u32::MAX)
         };
-        let (mut non_finite, mut above_lo, mut above_hi) = (false, 0usize, 0usize);
-        // The keys inside the bracket, in index order, gathered on the way in case the
-        // threshold is still there.
-        let mut n = 0;
-        for (wi, (&word, ((bc, wc), hc))) in mw
-            .iter()
-            .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
-            .enumerate()
-        {
-            let ws = K::score(word, wc, hc, regrow, slo, shi, bc);
-            non_finite |= ws.non_finite;
-            above_lo += ws.above_lo as usize;
-            above_hi += ws.above_hi as usize;
-            // Kept for the case the threshold is still in the bracket: then every edge
-            // above it stays, and only the keys inside need a look.
-            keys[wi] = ws.high;
-            let mut inside = ws.inside;
-            while inside != 0 {
-                let j = inside.trailing_zeros() as usize;
-                inside &= inside - 1;
-                let c = wi * 64 + j;
-                tmp[n] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
-                n += 1;
+        // The dead-key cache (see `row_hint_len`) stands in for the shadow when it reaches
+        // below the bracket and was built for this very mask row.
+        let (cache_lo, cached) = ((hint[2] >> 32) as u32, (hint[2] & 0xffff) as usize);
+        let mut use_cache = regrow
+            && usable
+            && cache_lo > 0
+            && cache_lo <= slo
+            && cached <= cap
+            && hint[3] == fingerprint(mw);
+        let (mut n, mut above_lo, mut above_hi, mut non_finite);
+        loop {
+            (n, above_lo, above_hi, non_finite) = (0usize, 0usize, 0usize, false);
+            // With the cache only the live edges are scored (the shadow is not read).
+            let score_dead = regrow && !use_cache;
+            // The keys inside the bracket gathered on the way, in case the threshold is
+            // still there.
+            for (wi, (&word, ((bc, wc), hc))) in mw
+                .iter()
+                .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
+                .enumerate()
+            {
+                let ws = K::score(word, wc, hc, score_dead, slo, shi, bc);
+                non_finite |= ws.non_finite;
+                above_lo += ws.above_lo as usize;
+                above_hi += ws.above_hi as usize;
+                // Kept for the case the threshold is still in the bracket: then every edge
+                // above it stays, and only the keys inside need a look.
+                keys[wi] = ws.high;
+                let mut inside = ws.inside;
+                while inside != 0 {
+                    let j = inside.trailing_zeros() as usize;
+                    inside &= inside - 1;
+                    let c = wi * 64 + j;
+                    tmp[n] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
+                    n += 1;
+                }
             }
+            if non_finite {
+                break;
+            }
+            if use_cache {
+                for &key in &hint[4..4 + cached] {
+                    let s = (key >> 32) as u32;
+                    if s >= shi {
+                        let c = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                        keys[c / 64] |= 1 << (c % 64);
+                        above_hi += 1;
+                        above_lo += 1;
+                    } else if s >= slo {
+                        tmp[n] = key;
+                        n += 1;
+                        above_lo += 1;
+                    }
+                }
+                if !(above_hi < k && k <= above_lo && n <= SMALL_SLAB) {
+                    // The threshold left the bracket: score the dead edges too.
+                    use_cache = false;
+                    continue;
+                }
+            }
+            break;
         }
         if non_finite {
+            // The row, its hint included, is left as it was.
             bad.get_or_insert(r);
             continue;
         }
@@ -571,7 +666,6 @@ fn flat_rows<K: Kernels>(
             let short = n <= SMALL_SLAB;
             let thr = pick(&mut tmp[..n], k - above_hi, hist);
             if short {
-                *bracket = bracket_around(thr);
                 // The new words: the edges above the bracket, and those inside it from the
                 // threshold up (all of them candidates).
                 for &key in &tmp[..n] {
@@ -584,6 +678,7 @@ fn flat_rows<K: Kernels>(
                     st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
                     ow.copy_from_slice(nw);
                 }
+                update_cache::<K>(hint, thr, regrow, use_cache, mw, bits);
                 continue;
             }
             thr
@@ -599,7 +694,6 @@ fn flat_rows<K: Kernels>(
             }
             threshold_key_preserving(&keys[..cols], k, hist, tmp)
         };
-        *bracket = bracket_around(thr);
         let (ts, ti) = split_threshold(thr);
         // Mask words are rebuilt in blocks of up to 64 words (4096 columns), each block
         // synced against the old words before they are overwritten.
@@ -614,10 +708,103 @@ fn flat_rows<K: Kernels>(
             st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
             ow.copy_from_slice(nw);
         }
+        update_cache::<K>(hint, thr, regrow, false, mw, bits);
     }
     (st, bad)
 }
 
+/// How far below its bracket a row's dead-key cache reaches when it is built from a full
+/// scoring (in score bits, as the bracket's own margin): the threshold may fall this far
+/// before the shadow must be read again.
+const CACHE_MARGIN: u32 = 1 << 17;
+
+/// Hint words per row of a plain matrix refreshed by rows (SP-in): the bracket's two ends,
+/// then a cache of the row's dead edges that stands in for its shadow values while the
+/// threshold stays near: its low end and length (`lo << 32 | len`, 0 when there is no
+/// cache), a fingerprint of the mask row it was built for, and the keys of every dead edge
+/// at or above that low end (up to `row_hint_len - 4` of them).
+///
+/// Dead edges keep their shadow values between refreshes (only a refresh moves them), so
+/// with the cache a refresh reads the weights only. It is used only with regrowth, when the
+/// row's mask is the one it was built for and it reaches below the bracket; when the
+/// threshold leaves the bracket the row is scored again with its shadow, and the cache is
+/// rebuilt from that. The mask fingerprint guards against a mask changed by other means;
+/// shadow values changed by other means call for fresh hints.
+pub(crate) fn row_hint_len(cols: usize) -> usize {
+    4 + (cols / 16).clamp(32, 1024)
+}
+
+/// A fingerprint of a mask row, for the dead-key cache.
+#[inline(always)]
+fn fingerprint(words: &[u64]) -> u64 {
+    words.iter().fold(0x243f_6a88_85a3_08d3, |f, &x| {
+        (f ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+    })
+}
+
+/// After a row's refresh to threshold `thr` (mask words `mw` already new): its new bracket,
+/// and its dead-key cache rebuilt. `bits` are the row's score bits as scored: all edges,
+/// or (`from_cache`) the live ones only, the old cache holding the dead ones.
+#[inline(always)]
+fn update_cache<K: Kernels>(
+    hint: &mut [u64],
+    thr: u64,
+    regrow: bool,
+    from_cache: bool,
+    mw: &[u64],
+    bits: &[u32],
+) {
+    let bracket = bracket_around(thr);
+    let old_lo = (hint[2] >> 32) as u32;
+    let old_len = (hint[2] & 0xffff) as usize;
+    (hint[0], hint[1]) = (bracket[0], bracket[1]);
+    hint[2] = 0;
+    let lo = (bracket[0] >> 32) as u32;
+    if !regrow || lo == 0 {
+        return;
+    }
+    let mut cl = lo.saturating_sub(CACHE_MARGIN).max(1);
+    if from_cache {
+        // The old cache knows the dead edges down to its own low end only.
+        cl = cl.max(old_lo);
+        if cl > lo {
+            return;
+        }
+    }
+    let (head, slots) = hint.split_at_mut(4);
+    let is_live = |key: u64| {
+        let c = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+        (mw[c / 64] >> (c % 64)) & 1 == 1
+    };
+    // The old cache's keys still dead and high enough, then the newly scored dead edges
+    // (with a full scoring all of them; from the cache, those that died now: the others
+    // were not scored, their bits are 0).
+    let mut len = 0;
+    if from_cache {
+        for j in 0..old_len {
+            let key = slots[j];
+            if (key >> 32) as u32 >= cl && !is_live(key) {
+                slots[len] = key;
+                len += 1;
+            }
+        }
+    }
+    for (wi, (&word, bc)) in mw.iter().zip(bits.chunks(64)).enumerate() {
+        let mut dead = K::at_least(bc, cl) & !word;
+        while dead != 0 {
+            let j = dead.trailing_zeros() as usize;
+            dead &= dead - 1;
+            if len == slots.len() {
+                return;
+            }
+            let c = wi * 64 + j;
+            slots[len] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
+            len += 1;
+        }
+    }
+    head[2] = (u64::from(cl) << 32) | len as u64;
+    head[3] = fingerprint(mw);
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,7 +852,8 @@ mod tests {
         let run = |avx: bool, regrow: bool| {
             let (mut words, mut w, mut h) = (words.clone(), w.clone(), h.clone());
             let (mut keys, mut tmp, mut bits) = (vec![0; cols], vec![0; cols], vec![0; cols]);
-            let (mut hist, mut hints) = (Histogram::default(), vec![0u64; 2 * rows]);
+            let (mut hist, mut hints) =
+                (Histogram::default(), vec![0u64; row_hint_len(cols) * rows]);
             let mut out = Vec::new();
             for _ in 0..2 {
                 let args = (&mut keys[..], &mut tmp[..], &mut bits[..]);

@@ -25,8 +25,12 @@ use rayon::prelude::*;
 /// [`crate::sync_weights`] (without growing from zero), bit for bit.
 ///
 /// `hints` is the layer's memory between refreshes: the key range each slab's threshold fell
-/// in last time, so that the next selection can start there. It changes only
-/// the speed, never the result; start with an empty vector and keep it with the layer.
+/// in last time, so that the next selection can start there, and for SP-in on plain matrices
+/// the keys of the dead edges near it, so that the shadow need not be read while it stays
+/// there. It changes only the speed, never the result, as long as the shadow values of dead
+/// edges change only through this function (a mask changed by other means is noticed):
+/// start with an empty vector, keep it with the layer, and clear it after writing to the
+/// shadow directly.
 ///
 /// A non-finite score is an error naming the buffer and flat index of the first bad value.
 /// With columns nothing has changed when it is returned; with rows, every row holding a
@@ -55,7 +59,7 @@ pub fn refresh_targets(
     }
     let bad = match side {
         Side::Rows => {
-            hints.resize(2 * shape.out, 0);
+            hints.resize(row_hints(shape) * shape.out, 0);
             fused_rows(
                 shape, weights, shadow, targets, regrow, mask, scratch, hints,
             )
@@ -68,6 +72,16 @@ pub fn refresh_targets(
         }
     };
     bad.map_err(|row| first_non_finite(shape, weights, shadow, mask, regrow, row))
+}
+
+/// Hint words per row for SP-in: plain matrices keep a dead-key cache besides the bracket
+/// (see [`crate::flat::row_hint_len`]).
+fn row_hints(shape: &EdgeShape) -> usize {
+    if shape.kernel_len() == 1 {
+        crate::flat::row_hint_len(shape.inp)
+    } else {
+        2
+    }
 }
 
 /// The score of edge `c` of a row: kernel-summed `|value|` from the weights if live, from
@@ -181,7 +195,7 @@ fn fused_rows(
         .par_chunks_mut(rows_per * wpr)
         .zip(weights.par_chunks_mut(rows_per * rl))
         .zip(shadow.par_chunks_mut(rows_per * rl))
-        .zip(hints.par_chunks_mut(rows_per * 2))
+        .zip(hints.par_chunks_mut(rows_per * row_hints(shape)))
         .zip(
             scratch.keys[..n]
                 .par_iter_mut()

@@ -432,6 +432,10 @@ impl Pruner {
         if let Some(scale) = st.scale.as_mut() {
             rescale_factors(st.actuator.rescale(), &st.mask, scale);
         }
+        // The layer's refresh hints describe the old mask and shadow.
+        if let Some(h) = self.scratch.hints.get_mut(l) {
+            h.clear();
+        }
         Ok(())
     }
 
@@ -733,6 +737,8 @@ impl Pruner {
                     let old = &mut scratch.old[l];
                     old.clone_from(&st.mask);
                     st.mask = mask;
+                    // Hints are kept only between degree-target refreshes.
+                    scratch.hints[l].clear();
                     sync_weights(
                         &st.shape,
                         old,
