@@ -634,21 +634,24 @@ fn flat_rows<K: Kernels>(
             if non_finite {
                 break;
             }
+            let n_live = n;
             if use_cache {
-                for &key in &hint[4..4 + cached] {
-                    let s = (key >> 32) as u32;
-                    if s >= shi {
-                        let c = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
-                        keys[c / 64] |= 1 << (c % 64);
-                        above_hi += 1;
-                        above_lo += 1;
-                    } else if s >= slo {
+                // The cached dead keys inside the bracket join the live ones (branch-free).
+                // A cache is built below its row's threshold, so none reaches the bracket's
+                // high end; if one did, the row is scored in full.
+                let mut high = false;
+                if n + cached <= tmp.len() {
+                    for &key in &hint[4..4 + cached] {
+                        let s = (key >> 32) as u32;
+                        high |= s >= shi;
                         tmp[n] = key;
-                        n += 1;
-                        above_lo += 1;
+                        n += usize::from(s >= slo);
                     }
+                } else {
+                    high = true;
                 }
-                if !(above_hi < k && k <= above_lo && n <= SMALL_SLAB) {
+                above_lo += n - n_live;
+                if high || !(above_hi < k && k <= above_lo && n <= SMALL_SLAB) {
                     // The threshold left the bracket: score the dead edges too.
                     use_cache = false;
                     continue;
@@ -672,13 +675,15 @@ fn flat_rows<K: Kernels>(
                     let c = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
                     keys[c / 64] |= u64::from(key >= thr) << (c % 64);
                 }
+                let (born, died) = (st.born, st.died);
                 for (blk, ow) in mw.chunks_mut(64).enumerate() {
                     let nw = &keys[blk * 64..blk * 64 + ow.len()];
                     let off = blk * 64 * 64;
                     st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
                     ow.copy_from_slice(nw);
                 }
-                update_cache::<K>(hint, thr, regrow, use_cache, mw, bits);
+                let changed = (st.born > born, st.died > died);
+                update_cache::<K>(hint, thr, regrow, use_cache.then_some(changed), mw, bits);
                 continue;
             }
             thr
@@ -708,7 +713,7 @@ fn flat_rows<K: Kernels>(
             st = add(st, sync_row(ow, nw, 1, &mut wr[off..], &mut hr[off..]));
             ow.copy_from_slice(nw);
         }
-        update_cache::<K>(hint, thr, regrow, false, mw, bits);
+        update_cache::<K>(hint, thr, regrow, None, mw, bits);
     }
     (st, bad)
 }
@@ -737,20 +742,32 @@ pub(crate) fn row_hint_len(cols: usize) -> usize {
 /// A fingerprint of a mask row, for the dead-key cache.
 #[inline(always)]
 fn fingerprint(words: &[u64]) -> u64 {
-    words.iter().fold(0x243f_6a88_85a3_08d3, |f, &x| {
-        (f ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+    // Four independent lanes, so that the multiplies overlap.
+    let mut f = [
+        0x243f_6a88_85a3_08d3u64,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    ];
+    for (i, &x) in words.iter().enumerate() {
+        let a = &mut f[i % 4];
+        *a = (*a ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    f.iter().fold(words.len() as u64, |g, &a| {
+        (g ^ a).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
     })
 }
 
 /// After a row's refresh to threshold `thr` (mask words `mw` already new): its new bracket,
 /// and its dead-key cache rebuilt. `bits` are the row's score bits as scored: all edges,
-/// or (`from_cache`) the live ones only, the old cache holding the dead ones.
+/// or (`from_cache = Some((born, died))`, whether any edge of the row came back or died)
+/// the live ones only, the old cache holding the dead ones.
 #[inline(always)]
 fn update_cache<K: Kernels>(
     hint: &mut [u64],
     thr: u64,
     regrow: bool,
-    from_cache: bool,
+    from_cache: Option<(bool, bool)>,
     mw: &[u64],
     bits: &[u32],
 ) {
@@ -764,12 +781,17 @@ fn update_cache<K: Kernels>(
         return;
     }
     let mut cl = lo.saturating_sub(CACHE_MARGIN).max(1);
-    if from_cache {
+    if from_cache.is_some() {
         // The old cache knows the dead edges down to its own low end only.
         cl = cl.max(old_lo);
         if cl > lo {
             return;
         }
+    }
+    if from_cache == Some((false, false)) && cl == old_lo {
+        // Nothing moved and the low end stays: the same cache, for the same mask row.
+        hint[2] = (u64::from(cl) << 32) | old_len as u64;
+        return;
     }
     let (head, slots) = hint.split_at_mut(4);
     let is_live = |key: u64| {
@@ -780,7 +802,7 @@ fn update_cache<K: Kernels>(
     // (with a full scoring all of them; from the cache, those that died now: the others
     // were not scored, their bits are 0).
     let mut len = 0;
-    if from_cache {
+    if from_cache.is_some() {
         for j in 0..old_len {
             let key = slots[j];
             if (key >> 32) as u32 >= cl && !is_live(key) {
@@ -789,7 +811,13 @@ fn update_cache<K: Kernels>(
             }
         }
     }
-    for (wi, (&word, bc)) in mw.iter().zip(bits.chunks(64)).enumerate() {
+    // (From the cache, with no edge dead now there is nothing more.)
+    let scan = if matches!(from_cache, Some((_, false))) {
+        0
+    } else {
+        mw.len()
+    };
+    for (wi, (&word, bc)) in mw[..scan].iter().zip(bits.chunks(64)).enumerate() {
         let mut dead = K::at_least(bc, cl) & !word;
         while dead != 0 {
             let j = dead.trailing_zeros() as usize;
