@@ -25,7 +25,7 @@
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
 use crate::select::{
-    bracket_around, select_below, threshold_key_preserving, Histogram, SMALL_SLAB,
+    bracket_around, bracket_center, select_below, threshold_key_preserving, Histogram, SMALL_SLAB,
 };
 use crate::SyncStats;
 use rayon::prelude::*;
@@ -667,7 +667,8 @@ fn flat_rows<K: Kernels>(
         let thr = if usable && above_hi < k && k <= above_lo {
             // A long list is reordered by the radix select; a short one only permuted.
             let short = n <= SMALL_SLAB;
-            let thr = pick(&mut tmp[..n], k - above_hi, hist);
+            let guess = bracket_center([hint[0], hint[1]]);
+            let thr = pick_near(&mut tmp[..n], k - above_hi, guess, hist);
             if short {
                 // The new words: the edges above the bracket, and those inside it from the
                 // threshold up (all of them candidates).
@@ -928,6 +929,25 @@ mod tests {
     }
 }
 
+/// The `need`-th largest of `keys` (the keys found inside a bracket), first trying the
+/// threshold's old score `guess` (the lowest key of that score, see
+/// [`crate::select::bracket_center`]): when exactly `need` keys reach it, the answer is the
+/// least of them, found in one branch-free pass instead of a selection.
+#[inline(always)]
+fn pick_near(keys: &mut [u64], need: usize, guess: u64, hist: &mut Histogram) -> u64 {
+    let (mut count, mut least) = (0usize, u64::MAX);
+    for &key in keys.iter() {
+        let hit = key >= guess;
+        count += usize::from(hit);
+        least = least.min(if hit { key } else { u64::MAX });
+    }
+    if guess > 0 && count == need {
+        least
+    } else {
+        pick(keys, need, hist)
+    }
+}
+
 /// The `need`-th largest of `keys`, the keys found inside a bracket in index order.
 #[inline(always)]
 fn pick(keys: &mut [u64], need: usize, hist: &mut Histogram) -> u64 {
@@ -1050,7 +1070,8 @@ pub(crate) fn column_brackets(
                     tmp[len..len + l].copy_from_slice(&cs.lists[c * LIST_CAP..c * LIST_CAP + l]);
                     len += l;
                 }
-                *t = pick(&mut tmp[..len], k - above_hi, hist);
+                let guess = bracket_center([hint[0], hint[1]]);
+                *t = pick_near(&mut tmp[..len], k - above_hi, guess, hist);
                 hint.copy_from_slice(&bracket_around(*t));
             }
         });

@@ -201,6 +201,7 @@ pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
     } else {
         // About 1.5 % of the score either side: the score's bits count 2^23 steps per
         // doubling, so 2^17 of them are a relative step of 2^-6 at any magnitude.
+        // (`bracket_center` inverts this.)
         let score = thr >> 32;
         let margin = 1u64 << 17;
         [
@@ -208,6 +209,13 @@ pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
             (score + margin + 1) << 32,
         ]
     }
+}
+
+/// The lowest key with the score of the threshold a bracket from [`bracket_around`] was
+/// built around (0 for no bracket).
+#[inline(always)]
+pub(crate) fn bracket_center([_, hi]: [u64; 2]) -> u64 {
+    ((hi >> 32).saturating_sub((1 << 17) + 1)) << 32
 }
 
 /// The threshold if the `k`-th largest key lies in `lo..hi`.
