@@ -268,13 +268,14 @@ crate::multiversion! {
         {
             let r = r0 + i;
             let mut finite = true;
+            // Dead edges are not candidates without regrowth: their shadow is not read.
+            let dead: &[f32] = if regrow { hr } else { wr };
             for (wi, (&word, kc)) in mw.iter().zip(keys.chunks_mut(64)).enumerate() {
                 let lo = wi * 64;
                 for (b, key) in kc.iter_mut().enumerate() {
                     let live = (word >> b) & 1 == 1;
-                    // Dead edges are not candidates without regrowth: not read.
-                    let v = if live || regrow { score(kl, live, wr, hr, lo + b) } else { 0.0 };
-                    finite &= v.is_finite();
+                    let v = score(kl, live, wr, dead, lo + b);
+                    finite &= v.is_finite() | !(live | regrow);
                     *key = edge_key(v, lo + b, live, regrow);
                 }
             }
@@ -513,12 +514,13 @@ crate::multiversion! {
         }
         for r in 0..rows {
             let word = words[r * wpr + s0 / 64];
-            let (wr, hr) = (&w[r * rl..(r + 1) * rl], &h[r * rl..(r + 1) * rl]);
+            let wr = &w[r * rl..(r + 1) * rl];
+            let hr = if regrow { &h[r * rl..(r + 1) * rl] } else { wr };
             let mut finite = true;
             for j in 0..width {
                 let live = (word >> j) & 1 == 1;
-                let v = if live || regrow { score(kl, live, wr, hr, s0 + j) } else { 0.0 };
-                finite &= v.is_finite();
+                let v = score(kl, live, wr, hr, s0 + j);
+                finite &= v.is_finite() | !(live | regrow);
                 keys[j * rows + r] = edge_key(v, r, live, regrow);
             }
             if !finite {
@@ -558,10 +560,10 @@ crate::multiversion! {
                 let hi = (lo + 64).min(cols);
                 let old = *ow;
                 let mut bits = 0u64;
+                let dead: &[f32] = if regrow { hr } else { wr };
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
                     let live = (old >> b) & 1 == 1;
-                    let v = if live || regrow { score(kl, live, wr, hr, lo + b) } else { 0.0 };
-                    let key = edge_key(v, r, live, regrow);
+                    let key = edge_key(score(kl, live, wr, dead, lo + b), r, live, regrow);
                     bits |= u64::from(key >= thr) << b;
                 }
                 let off = lo * kl;
