@@ -1,5 +1,10 @@
 //! Runs one refresh case repeatedly, for profiling (`perf record`):
-//! `refresh_profile [sp_in|sp_out] [OUT] [IN] [ITERS] [KERNEL, e.g. 3x3]`.
+//! `refresh_profile [sp_in|sp_out] [OUT] [IN] [ITERS] [KERNEL, e.g. 3x3 or -] [DRIFT]`.
+//!
+//! With `DRIFT` (e.g. 0.01) every weight is multiplied by its own random factor in
+//! `1 ± DRIFT` before each refresh (untimed; the factors alternate with their inverses), so
+//! that thresholds move between refreshes as they do in training, and the refresh is timed
+//! against the streaming pass after each drift.
 
 use bb_actuators::{refresh_targets, ActuatorScratch, BitMask, Side};
 use bb_bench::{median_time, random_vec, refresh_pruner, stream_sum};
@@ -11,12 +16,42 @@ fn main() {
     let out: usize = a.get(2).map_or(4096, |s| s.parse().expect("OUT"));
     let inp: usize = a.get(3).map_or(4096, |s| s.parse().expect("IN"));
     let iters: usize = a.get(4).map_or(20, |s| s.parse().expect("ITERS"));
-    let kernel: Vec<usize> = a.get(5).map_or(Vec::new(), |k| {
-        k.split('x').map(|d| d.parse().expect("KERNEL")).collect()
-    });
+    let kernel: Vec<usize> = match a.get(5).map(String::as_str) {
+        None | Some("-") => Vec::new(),
+        Some(k) => k.split('x').map(|d| d.parse().expect("KERNEL")).collect(),
+    };
+    let drift: f32 = a.get(6).map_or(0.0, |s| s.parse().expect("DRIFT"));
     let shape = EdgeShape::conv(out, inp, &kernel);
     let mut w = random_vec(7, shape.weight_len());
     let mut p = refresh_pruner(&shape, act, true, true);
+    if drift > 0.0 {
+        let f: Vec<f32> = random_vec(9, w.len())
+            .iter()
+            .map(|u| 1.0 + drift * u)
+            .collect();
+        p.refresh(&mut [&mut w[..]], None).expect("refresh");
+        let (mut t, mut fl, mut churn) = (Vec::new(), Vec::new(), 0.0);
+        for i in 0..iters.max(1) {
+            for (x, y) in w.iter_mut().zip(&f) {
+                *x = if i % 2 == 0 { *x * y } else { *x / y };
+            }
+            let s = std::time::Instant::now();
+            let r = p.refresh(&mut [&mut w[..]], None).expect("refresh");
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+            churn += r.layers[0].churn / iters.max(1) as f64;
+            let s = std::time::Instant::now();
+            std::hint::black_box(stream_sum(&w));
+            fl.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        fl.sort_by(f64::total_cmp);
+        let (per, floor) = (t[t.len() / 2], fl[fl.len() / 2]);
+        println!(
+            "{act} {out}x{inp}, drift {drift}: {per:.3} ms per refresh, streaming pass {floor:.3} ms, ratio {:.2}, mean churn {churn:.2e}",
+            per / floor
+        );
+        return;
+    }
     let per = median_time(iters, || {
         std::hint::black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
     })
