@@ -137,8 +137,8 @@ pub struct ActuatorScratch {
     pub(crate) columns: Vec<crate::flat::ColumnScratch>,
     /// SP-out: the mask words of the columns that kept their brackets (one per mask word).
     pub(crate) pre: Vec<u64>,
-    /// SP-out: per mask-word column, whether all its columns kept their brackets.
-    pub(crate) done: Vec<bool>,
+    /// SP-out: per mask-word column, the columns that kept their brackets.
+    pub(crate) kept: Vec<u64>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.

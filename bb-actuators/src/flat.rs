@@ -64,7 +64,8 @@ trait Kernels {
         bits: &mut [u32; 64],
     ) -> (bool, u64, u64);
     /// Columns: the new mask word of row `r`, each column `j` against its own threshold
-    /// (score bits `ts[j]`, row `ti[j]`).
+    /// (score bits `ts[j]`, row `ti[j]`), for the columns in `need` (the others' bits are
+    /// unspecified, and their values need not be read).
     #[allow(clippy::too_many_arguments)]
     fn select_columns(
         word: u64,
@@ -74,6 +75,7 @@ trait Kernels {
         r: u32,
         ts: &[u32],
         ti: &[u32],
+        need: u64,
     ) -> u64;
 }
 
@@ -228,6 +230,7 @@ impl Kernels for Portable {
         r: u32,
         ts: &[u32],
         ti: &[u32],
+        _need: u64,
     ) -> u64 {
         let all = u32::from(regrow).wrapping_neg();
         let h = if regrow { h } else { w };
@@ -459,13 +462,14 @@ impl Kernels for Avx512 {
         r: u32,
         ts: &[u32],
         ti: &[u32],
+        need: u64,
     ) -> u64 {
         use std::arch::x86_64::*;
         if [w.len(), h.len(), ts.len(), ti.len()]
             .iter()
             .any(|&n| n < 64)
         {
-            return Portable::select_columns(word, w, h, regrow, r, ts, ti);
+            return Portable::select_columns(word, w, h, regrow, r, ts, ti, need);
         }
         let mut sel = [0u16; 4];
         // SAFETY: every slice holds at least 64 values (checked above); AVX-512F and BW are
@@ -475,6 +479,10 @@ impl Kernels for Avx512 {
             let vr = _mm512_set1_epi32(r as i32);
             for (q, k) in sel.iter_mut().enumerate() {
                 let at = 16 * q;
+                if (need >> at) as u16 == 0 {
+                    // No column of this quarter is needed: its values are not read.
+                    continue;
+                }
                 let live = (word >> at) as u16;
                 let v = if regrow {
                     let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
@@ -1185,15 +1193,16 @@ fn count_columns_rows<K: Kernels>(
 kernel_entry! {
     /// SP-out's last pass on rows `r0..` of a plain matrix: every mask word rebuilt against
     /// the columns' thresholds (`cut`: score bits `[ts; cols]`, then rows `[ti; cols]`), and
-    /// the weights of edges that changed state moved. A word whose columns all kept their
-    /// brackets (`done[word]`) is taken from `pre` (see [`column_brackets`]; the block's
-    /// rows, one word per mask word, needed only then) without reading its weights.
+    /// the weights of edges that changed state moved. The columns that kept their brackets
+    /// (`kept[word]`) take their bits from `pre` (see
+    /// [`column_brackets`]; the block's rows, one word per mask word, needed only where a
+    /// word has such columns), without reading their weights.
     fn rebuild_columns_block = rebuild_columns_rows(
         cols: usize,
         r0: usize,
         regrow: bool,
         cut: &[u32],
-        done: &[bool],
+        kept: &[u64],
         pre: &[u64],
         words: &mut [u64],
         w: &mut [f32],
@@ -1208,7 +1217,7 @@ fn rebuild_columns_rows<K: Kernels>(
     r0: usize,
     regrow: bool,
     cut: &[u32],
-    done: &[bool],
+    kept: &[u64],
     pre: &[u64],
     words: &mut [u64],
     w: &mut [f32],
@@ -1224,13 +1233,14 @@ fn rebuild_columns_rows<K: Kernels>(
         .enumerate()
     {
         let r = (r0 + i) as u32;
-        for (wi, (ow, &d)) in mw.iter_mut().zip(done).enumerate() {
+        for (wi, (ow, &k)) in mw.iter_mut().zip(kept).enumerate() {
             let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
             let old = *ow;
-            let new = if d {
-                pre[i * wpr + wi]
+            let from_pre = if k != 0 { pre[i * wpr + wi] & k } else { 0 };
+            let new = if k == crate::fused::lanes(c1 - c0) {
+                from_pre
             } else {
-                K::select_columns(
+                let sel = K::select_columns(
                     old,
                     &wr[c0..c1],
                     &hr[c0..c1],
@@ -1238,7 +1248,9 @@ fn rebuild_columns_rows<K: Kernels>(
                     r,
                     &ts[c0..c1],
                     &ti[c0..c1],
-                )
+                    !k,
+                );
+                from_pre | (sel & !k)
             };
             if new != old {
                 st = add(

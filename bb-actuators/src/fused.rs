@@ -344,18 +344,19 @@ fn fused_columns(
             scratch,
         )?;
     }
-    // The words whose columns all kept their brackets are rebuilt from `scratch.pre`.
-    scratch.done.clear();
-    scratch.done.extend(
-        scratch
-            .thresholds
-            .chunks(64)
-            .map(|t| kl == 1 && t.iter().all(|&x| x != 0)),
-    );
+    // Per mask-word column, the columns that kept their brackets: their new bits are in
+    // `scratch.pre`, and their values need not be read again.
+    scratch.kept.clear();
+    scratch.kept.extend(scratch.thresholds.chunks(64).map(|t| {
+        t.iter()
+            .enumerate()
+            .fold(0, |k, (j, &x)| k | (u64::from(kl == 1 && x != 0) << j))
+    }));
     let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
     // Pass 1: every column's threshold; nothing is written to the layer yet.
     let bad = {
         let (m, w, h): (&BitMask, &[f32], &[f32]) = (mask, weights, shadow);
+        let kept = &scratch.kept;
         scratch
             .thresholds
             .par_chunks_mut(cols_per)
@@ -375,7 +376,8 @@ fn fused_columns(
                     .enumerate()
                 {
                     let s0 = c0 + s * COLUMN_BLOCK;
-                    if strip.iter().all(|&t| t != 0) {
+                    let need = !kept[s0 / 64] & lanes(strip.len());
+                    if need == 0 {
                         continue;
                     }
                     if let Some(r) = gather_strip_fused(
@@ -383,8 +385,7 @@ fn fused_columns(
                         h,
                         m.words(),
                         (rows, cols, kl, wpr),
-                        s0,
-                        strip.len(),
+                        (s0, strip.len(), need),
                         regrow,
                         keys,
                     ) {
@@ -422,19 +423,28 @@ fn fused_columns(
         for (c, &t) in thresholds.iter().enumerate() {
             (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
         }
-        let (cut, done, pre) = (&scratch.cut, &scratch.done, &scratch.pre);
+        let (cut, kept, pre) = (&scratch.cut, &scratch.kept, &scratch.pre);
         return Ok(blocks(&|r0, words, w, h| {
-            let pre = if done.iter().any(|&d| d) {
+            let pre = if kept.iter().any(|&k| k != 0) {
                 &pre[r0 * wpr..]
             } else {
                 &[]
             };
-            crate::flat::rebuild_columns_block(cols, r0, regrow, cut, done, pre, words, w, h)
+            crate::flat::rebuild_columns_block(cols, r0, regrow, cut, kept, pre, words, w, h)
         }));
     }
     Ok(blocks(&|r0, words, w, h| {
         rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h)
     }))
+}
+
+/// The mask of the first `n` (at most 64) lanes of a word.
+pub(crate) fn lanes(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
+    }
 }
 
 /// Work on one block of rows: `(first row, its mask words, weights, shadow)`.
@@ -465,25 +475,32 @@ crate::multiversion! {
 
 crate::multiversion! {
     /// Keys of the `width` columns starting at `s0` (a multiple of 64), column-major into
-    /// `keys`; returns the first row with a non-finite score, if any.
+    /// `keys`, for at least the columns in `need` (`strip = (s0, width, need)`); returns the
+    /// first row with a non-finite score, if any. Plain matrices read only the 16-column
+    /// quarters of the rows that hold a needed column (the others' values were counted, and
+    /// checked, in `crate::flat::column_brackets`).
     #[allow(clippy::too_many_arguments)]
     fn gather_strip_fused(
         w: &[f32],
         h: &[f32],
         words: &[u64],
         dims: (usize, usize, usize, usize),
-        s0: usize,
-        width: usize,
+        strip: (usize, usize, u64),
         regrow: bool,
         keys: &mut [u64],
     ) -> Option<usize> {
         let (rows, cols, kl, wpr) = dims;
+        let (s0, width, need) = strip;
         let rl = cols * kl;
         if kl == 1 {
             // Blocks of rows: each row's keys are built in one vector loop into a small tile,
             // then written column by column, a run of consecutive keys per column.
             const TR: usize = 16;
             let mut tile = [[0u64; 64]; TR];
+            // The 16-column quarters that hold a needed column.
+            let quarters = (0..width.div_ceil(16))
+                .map(|q| 16 * q..(16 * q + 16).min(width))
+                .filter(|q| (need >> q.start) as u16 != 0);
             let mut r0 = 0;
             while r0 < rows {
                 let n = TR.min(rows - r0);
@@ -492,20 +509,25 @@ crate::multiversion! {
                     let r = r0 + i;
                     let word = words[r * wpr + s0 / 64];
                     let (wc, hc) = (&w[r * rl + s0..r * rl + s0 + width], &h[r * rl + s0..r * rl + s0 + width]);
-                    if !keys_word(word, wc, hc, 0, regrow, &mut t[..width]) {
-                        bad.get_or_insert(r);
-                    }
-                    for k in &mut t[..width] {
-                        *k = by_row(*k, r);
+                    for q in quarters.clone() {
+                        let (a, b) = (q.start, q.end);
+                        if !keys_word(word >> a, &wc[a..b], &hc[a..b], a, regrow, &mut t[a..b]) {
+                            bad.get_or_insert(r);
+                        }
+                        for k in &mut t[a..b] {
+                            *k = by_row(*k, r);
+                        }
                     }
                 }
                 if bad.is_some() {
                     return bad;
                 }
-                for j in 0..width {
-                    let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = tile[i][j];
+                for q in quarters.clone() {
+                    for j in q {
+                        let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = tile[i][j];
+                        }
                     }
                 }
                 r0 += n;
