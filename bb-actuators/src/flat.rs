@@ -743,7 +743,9 @@ const CACHE_MARGIN: u32 = 1 << 17;
 /// row's mask is the one it was built for and it reaches below the bracket; when the
 /// threshold leaves the bracket the row is scored again with its shadow, and the cache is
 /// rebuilt from that. The mask fingerprint guards against a mask changed by other means;
-/// shadow values changed by other means call for fresh hints.
+/// shadow values changed by other means call for fresh hints. Room for `cols / 16` keys
+/// (between 32 and 1024) costs about half a byte per edge, next to the eight of weight and
+/// shadow; a row with more dead keys in range goes without a cache.
 pub(crate) fn row_hint_len(cols: usize) -> usize {
     4 + (cols / 16).clamp(32, 1024)
 }
