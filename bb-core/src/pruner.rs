@@ -133,6 +133,9 @@ struct Scratch {
     actuator: ActuatorScratch,
     /// Per layer: where each slab's last threshold fell (speeds up the next selection only).
     hints: Vec<Vec<u64>>,
+    /// Per layer: whether `degrees` holds the current mask's degrees (counted at the end of
+    /// the last refresh, the mask unchanged since).
+    counted: Vec<bool>,
 }
 
 /// Minimum, mean and maximum live degree of a layer's actuated slabs.
@@ -432,9 +435,12 @@ impl Pruner {
         if let Some(scale) = st.scale.as_mut() {
             rescale_factors(st.actuator.rescale(), &st.mask, scale);
         }
-        // The layer's refresh hints describe the old mask and shadow.
+        // The layer's refresh hints and counted degrees describe the old mask and shadow.
         if let Some(h) = self.scratch.hints.get_mut(l) {
             h.clear();
+        }
+        if let Some(c) = self.scratch.counted.get_mut(l) {
+            *c = false;
         }
         Ok(())
     }
@@ -597,6 +603,7 @@ impl Pruner {
         scratch.scores.resize_with(n, Vec::new);
         scratch.grads.resize_with(n, Vec::new);
         scratch.degrees.resize_with(n, Vec::new);
+        scratch.counted.resize(n, false);
         scratch.old.resize_with(n, || BitMask::empty(0, 0));
         scratch.hints.resize_with(n, Vec::new);
         let pruned: Vec<usize> = (0..n).filter(|&l| layers[l].prune).collect();
@@ -624,10 +631,12 @@ impl Pruner {
             }
             let side = st.actuator.side();
             let deg = &mut scratch.degrees[l];
-            deg.resize(st.shape.slabs(side), 0);
-            match side {
-                Side::Rows => st.mask.row_counts_into(deg),
-                Side::Columns => st.mask.col_counts_into(deg),
+            if !scratch.counted[l] || deg.len() != st.shape.slabs(side) {
+                deg.resize(st.shape.slabs(side), 0);
+                match side {
+                    Side::Rows => st.mask.row_counts_into(deg),
+                    Side::Columns => st.mask.col_counts_into(deg),
+                }
             }
             if let (true, Some(g)) = (want_grads, grads) {
                 let g = g[l];
@@ -705,6 +714,8 @@ impl Pruner {
         {
             let name = names[l];
             let st = &mut layers[l];
+            // Counted again below, once the layer's mask is final.
+            scratch.counted[l] = false;
             let stats = match plan {
                 LayerPlan::Keep => SyncStats::default(),
                 // Selection and weight moves in one pass per slab, scoring as it goes.
@@ -759,6 +770,7 @@ impl Pruner {
                 Side::Rows => st.mask.row_counts_into(deg),
                 Side::Columns => st.mask.col_counts_into(deg),
             }
+            scratch.counted[l] = true;
             let degrees = DegreeStats {
                 side,
                 min: deg.iter().copied().min().unwrap_or(0),

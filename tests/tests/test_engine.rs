@@ -410,3 +410,44 @@ fn invalid_inputs_name_what_is_wrong() {
         .contains("input"));
     assert!(Pruner::from_json("{").is_err());
 }
+
+/// A mask set between refreshes is counted again: without regrowth the policy caps every
+/// unit at its current degree, so a refresh after `set_mask` must see the new degrees (the
+/// same plan as a pruner restored from that state, whose scratch is fresh).
+#[test]
+fn a_mask_set_between_refreshes_is_counted_again() {
+    for actuator in ["sp_in", "sp_out"] {
+        let text = format!(
+            "[policy]\nkind = \"balance\"\nbeta = 0.05\ntarget_density = 0.1\n\
+             [actuator]\nkind = \"{actuator}\"\nregrow = false\n[layers.layer]\nprune = true\n"
+        );
+        let topo = Topology::new()
+            .population("in", 200)
+            .population("out", 64)
+            .conv_layer("layer", "in", "out", &[]);
+        let mut p = Pruner::new(PrunerConfig::from_toml_str(&text).unwrap(), topo).unwrap();
+        let mut r = rng(21);
+        let pop = if actuator == "sp_in" { "out" } else { "in" };
+        let n = if actuator == "sp_in" { 64 } else { 200 };
+        let rates: Vec<f64> = (0..n).map(|_| r.gen_range(0.01..0.99)).collect();
+        p.set_activity(pop, &rates).unwrap();
+        let mut w = random_weights(&mut r, 64 * 200, false);
+        p.refresh(&mut [&mut w[..]], None).unwrap();
+        // A denser mask than the refresh left (a third to a half of each row), so that the
+        // next refresh can meet its target from the new degrees.
+        let mut m = p.mask(0).clone();
+        for o in 0..64 {
+            for i in 0..200 {
+                m.set(o, i, (o * 7 + i) % (2 + o % 2) == 0);
+            }
+        }
+        p.set_mask(0, m, &mut w).unwrap();
+        let mut q = Pruner::from_json(&p.to_json().unwrap()).unwrap();
+        let mut w2 = w.clone();
+        let a = p.refresh(&mut [&mut w[..]], None).unwrap();
+        let b = q.refresh(&mut [&mut w2[..]], None).unwrap();
+        assert_eq!(a, b, "{actuator}");
+        assert!(p.mask(0) == q.mask(0), "{actuator}");
+        assert_eq!(w, w2, "{actuator}");
+    }
+}
