@@ -139,6 +139,8 @@ pub struct ActuatorScratch {
     pub(crate) pre: Vec<u64>,
     /// SP-out: per mask-word column, the columns that kept their brackets.
     pub(crate) kept: Vec<u64>,
+    /// SP-out, per worker: `(column << 32) | row` of the dead edges its cached keys bring back.
+    pub(crate) born: Vec<Vec<u64>>,
 }
 
 /// Layers with fewer edges than this are processed on the calling thread.

@@ -1007,9 +1007,11 @@ pub(crate) fn column_brackets(
     targets: &[u32],
     regrow: bool,
     hints: &mut [u64],
+    cache: &mut [u64],
     scratch: &mut ActuatorScratch,
 ) -> Result<(), usize> {
     let wpr = cols.div_ceil(64);
+    let cap = column_cache_cap(rows);
     let cut = &mut scratch.cut;
     cut.clear();
     cut.resize(2 * cols, u32::MAX);
@@ -1022,9 +1024,22 @@ pub(crate) fn column_brackets(
             any = true;
         }
     }
+    let (fingerprint_slot, caches) = cache.split_last_mut().expect("a fingerprint slot");
     if !any {
+        caches.chunks_exact_mut(1 + cap).for_each(|c| c[0] = 0);
         return Ok(());
     }
+    // The dead-key caches stand in for the shadow when every column with a bracket has one
+    // that reaches below it, all built for this very mask.
+    let cached = regrow
+        && cut[..cols]
+            .iter()
+            .zip(caches.chunks_exact(1 + cap))
+            .all(|(&lo, c)| {
+                let (cl, len) = ((c[0] >> 32) as u32, (c[0] & 0xffff_ffff) as usize);
+                lo == u32::MAX || (cl > 0 && cl <= lo && len <= cap)
+            })
+        && *fingerprint_slot == fingerprint(words);
     let n = workers(rows * cols);
     let rows_per = rows.div_ceil(n);
     let used = rows.div_ceil(rows_per);
@@ -1042,48 +1057,99 @@ pub(crate) fn column_brackets(
         .zip(scratch.columns[..used].par_iter_mut())
         .enumerate()
         .for_each(|(b, ((((mw, wr), hr), pre), cs))| {
-            count_columns_block(cols, b * rows_per, regrow, mw, wr, hr, cut, pre, cs);
+            // With the caches only the live edges are scored.
+            let score_dead = regrow && !cached;
+            count_columns_block(cols, b * rows_per, score_dead, mw, wr, hr, cut, pre, cs);
         });
     let columns = &scratch.columns[..used];
     if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
         return Err(r);
     }
     let cols_per = cols.div_ceil(n);
+    if scratch.born.len() < n {
+        scratch.born.resize_with(n, Vec::new);
+    }
     scratch
         .thresholds
         .par_chunks_mut(cols_per)
         .zip(hints.par_chunks_mut(2 * cols_per))
+        .zip(caches.par_chunks_mut(cols_per * (1 + cap)))
         .zip(
             scratch.keys[..n]
                 .par_iter_mut()
-                .zip(scratch.hists[..n].par_iter_mut()),
+                .zip(scratch.hists[..n].par_iter_mut())
+                .zip(scratch.born[..n].par_iter_mut()),
         )
         .enumerate()
-        .for_each(|(b, ((thr, hints), (tmp, hist)))| {
-            for (j, (t, hint)) in thr.iter_mut().zip(hints.chunks_exact_mut(2)).enumerate() {
+        .for_each(|(b, (((thr, hints), caches), ((tmp, hist), born)))| {
+            born.clear();
+            for (j, ((t, hint), cache)) in thr
+                .iter_mut()
+                .zip(hints.chunks_exact_mut(2))
+                .zip(caches.chunks_exact_mut(1 + cap))
+                .enumerate()
+            {
                 let c = b * cols_per + j;
+                // Rebuilt below if the column keeps its bracket.
+                let old = std::mem::replace(&mut cache[0], 0);
                 if cut[c] == u32::MAX {
                     continue;
                 }
+                let (lo, hi) = (cut[c], cut[cols + c]);
                 let k = targets[c] as usize;
                 let (mut above_lo, mut above_hi, mut full) = (0usize, 0usize, false);
+                let mut len = 0;
                 for cs in columns {
                     above_lo += cs.counts[c] as usize;
                     above_hi += cs.counts[cols + c] as usize;
-                    full |= cs.counts[2 * cols + c] as usize > LIST_CAP;
+                    let l = cs.counts[2 * cols + c] as usize;
+                    full |= l > LIST_CAP;
+                    if !full {
+                        tmp[len..len + l]
+                            .copy_from_slice(&cs.lists[c * LIST_CAP..c * LIST_CAP + l]);
+                        len += l;
+                    }
+                }
+                let n_counted = len;
+                if cached && !full && len + (old & 0xffff_ffff) as usize <= tmp.len() {
+                    // The dead edges from the cache (none reaches the bracket's high end:
+                    // a cache is built below its column's threshold; if one did, the column
+                    // is selected from scratch).
+                    let keys = &cache[1..1 + (old & 0xffff_ffff) as usize];
+                    for &key in keys {
+                        let s = (key >> 32) as u32;
+                        full |= s >= hi;
+                        tmp[len] = key;
+                        len += usize::from(s >= lo);
+                    }
+                    above_lo += len - n_counted;
                 }
                 if full || !(above_hi < k && k <= above_lo) {
                     continue;
                 }
-                let mut len = 0;
-                for cs in columns {
-                    let l = cs.counts[2 * cols + c] as usize;
-                    tmp[len..len + l].copy_from_slice(&cs.lists[c * LIST_CAP..c * LIST_CAP + l]);
-                    len += l;
-                }
                 let guess = bracket_center([hint[0], hint[1]]);
                 *t = pick_near(&mut tmp[..len], k - above_hi, guess, hist);
                 hint.copy_from_slice(&bracket_around(*t));
+                // Dead edges from the cache that come back join `pre` below; the inside
+                // keys under the threshold are the column's dead edges from its bracket's
+                // low end up (every candidate there was counted or cached): its new cache.
+                let mut m = 0;
+                for &key in &tmp[..len] {
+                    if key < *t {
+                        if m < cap {
+                            cache[1 + m] = key;
+                        }
+                        m += 1;
+                    } else if cached {
+                        let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                        if (words[r * wpr + c / 64] >> (c % 64)) & 1 == 0 {
+                            born.push(((c as u64) << 32) | r as u64);
+                        }
+                    }
+                }
+                if regrow && m <= cap {
+                    cache[0] = (u64::from(lo) << 32) | m as u64;
+                }
             }
         });
     // The inside keys that reach their column's threshold join `pre`, each worker in its
@@ -1109,7 +1175,35 @@ pub(crate) fn column_brackets(
                 }
             }
         });
+    for &x in scratch.born[..n].iter().flatten() {
+        let (c, r) = ((x >> 32) as usize, (x & u64::from(u32::MAX)) as usize);
+        scratch.pre[r * wpr + c / 64] |= 1 << (c % 64);
+    }
     Ok(())
+}
+
+/// Keys per column in SP-out's dead-key caches (see [`column_cache_len`]).
+fn column_cache_cap(rows: usize) -> usize {
+    (rows / 16).clamp(32, 1024)
+}
+
+/// Hint words of a plain SP-out layer after its brackets: per column a cache of the dead
+/// edges at or above its bracket's low end (a header `lo << 32 | len`, 0 when there is none,
+/// then up to `column_cache_cap(rows)` keys), and one fingerprint of the mask they were built
+/// for. As for rows (see [`row_hint_len`]), dead edges keep their shadow values between
+/// refreshes: when every column with a bracket has a cache that reaches below it, the counting
+/// pass reads the live weights only. A column's cache is rebuilt from its bracket's keys when
+/// it keeps its bracket, and dropped otherwise (then the next refresh reads the shadow).
+pub(crate) fn column_cache_len(rows: usize, cols: usize) -> usize {
+    cols * (1 + column_cache_cap(rows)) + 1
+}
+
+/// After an SP-out refresh of a plain layer: the fingerprint of its new mask, for the
+/// caches (see [`column_cache_len`]).
+pub(crate) fn seal_column_caches(cache: &mut [u64], words: &[u64]) {
+    if let Some(slot) = cache.last_mut() {
+        *slot = fingerprint(words);
+    }
 }
 
 kernel_entry! {

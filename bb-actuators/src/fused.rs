@@ -25,9 +25,9 @@ use rayon::prelude::*;
 /// [`crate::sync_weights`] (without growing from zero), bit for bit.
 ///
 /// `hints` is the layer's memory between refreshes: the key range each slab's threshold fell
-/// in last time, so that the next selection can start there, and for SP-in on plain matrices
-/// the keys of the dead edges near it, so that the shadow need not be read while it stays
-/// there. It changes only the speed, never the result, as long as the shadow values of dead
+/// in last time, so that the next selection can start there, and on plain matrices the keys
+/// of the dead edges near it, so that the shadow need not be read while it stays there (per
+/// row for SP-in; for SP-out while every column's threshold does). It changes only the speed, never the result, as long as the shadow values of dead
 /// edges change only through this function (a mask changed by other means is noticed):
 /// start with an empty vector, keep it with the layer, and clear it after writing to the
 /// shadow directly.
@@ -65,7 +65,13 @@ pub fn refresh_targets(
             )
         }
         Side::Columns => {
-            hints.resize(2 * shape.inp, 0);
+            // Brackets, then (plain matrices) the columns' dead-key caches.
+            let caches = if shape.kernel_len() == 1 {
+                crate::flat::column_cache_len(shape.out, shape.inp)
+            } else {
+                0
+            };
+            hints.resize(2 * shape.inp + caches, 0);
             fused_columns(
                 shape, weights, shadow, targets, regrow, mask, scratch, hints,
             )
@@ -324,6 +330,8 @@ fn fused_columns(
         mask.words_per_row(),
     );
     let n = workers(shape.edges());
+    // The brackets, then (plain matrices) the dead-key caches.
+    let (hints, caches) = hints.split_at_mut(2 * cols);
     // A strip's keys, and the selection's scratch.
     ensure_keys(scratch, n, (COLUMN_BLOCK + 1) * rows);
     // 0 marks a column whose threshold is still to be selected.
@@ -341,6 +349,7 @@ fn fused_columns(
             targets,
             regrow,
             hints,
+            caches,
             scratch,
         )?;
     }
@@ -424,14 +433,16 @@ fn fused_columns(
             (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
         }
         let (cut, kept, pre) = (&scratch.cut, &scratch.kept, &scratch.pre);
-        return Ok(blocks(&|r0, words, w, h| {
+        let st = blocks(&|r0, words, w, h| {
             let pre = if kept.iter().any(|&k| k != 0) {
                 &pre[r0 * wpr..]
             } else {
                 &[]
             };
             crate::flat::rebuild_columns_block(cols, r0, regrow, cut, kept, pre, words, w, h)
-        }));
+        });
+        crate::flat::seal_column_caches(caches, mask.words());
+        return Ok(st);
     }
     Ok(blocks(&|r0, words, w, h| {
         rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h)

@@ -284,65 +284,74 @@ fn without_regrowth_dead_shadow_values_are_not_read() {
 /// hints.
 #[test]
 fn kept_hints_notice_a_mask_changed_elsewhere() {
-    let mut r = rng(77);
-    let l = layer(&mut r, 16, 700, &[], 0);
-    let targets = vec![300u32; 16];
-    let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
-    let mut scratch = ActuatorScratch::default();
-    let mut hints = Vec::new();
-    for _ in 0..2 {
-        refresh_targets(
-            Side::Rows,
+    for side in [Side::Rows, Side::Columns] {
+        let mut r = rng(77);
+        let (l, target) = if side == Side::Rows {
+            (layer(&mut r, 16, 700, &[], 0), 300u32)
+        } else {
+            (layer(&mut r, 700, 64, &[], 0), 300u32)
+        };
+        let targets = vec![target; l.shape.slabs(side)];
+        let (rows, cols) = (l.shape.out, l.shape.inp);
+        let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
+        let mut scratch = ActuatorScratch::default();
+        let mut hints = Vec::new();
+        // Three refreshes of the same weights: the caches are in use by the last.
+        for _ in 0..3 {
+            refresh_targets(
+                side,
+                &l.shape,
+                &mut w,
+                &mut h,
+                &targets,
+                true,
+                &mut mask,
+                &mut scratch,
+                &mut hints,
+            )
+            .unwrap();
+        }
+        // Flip a few edges of every row: the strongest dead ones come back, some live ones
+        // die.
+        let mut other = mask.clone();
+        for o in 0..rows {
+            for i in ((o % 37)..cols).step_by(37) {
+                other.set(o, i, !mask.get(o, i));
+            }
+        }
+        sync_weights(&l.shape, &mask, &other, &mut w, &mut h, false).unwrap();
+        let mut fresh = (other.clone(), w.clone(), h.clone());
+        let mut kept = (other, w, h);
+        let sa = refresh_targets(
+            side,
             &l.shape,
-            &mut w,
-            &mut h,
+            &mut kept.1,
+            &mut kept.2,
             &targets,
             true,
-            &mut mask,
+            &mut kept.0,
             &mut scratch,
             &mut hints,
         )
         .unwrap();
+        let sb = refresh_targets(
+            side,
+            &l.shape,
+            &mut fresh.1,
+            &mut fresh.2,
+            &targets,
+            true,
+            &mut fresh.0,
+            &mut ActuatorScratch::default(),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(sa, sb, "{side:?}");
+        assert!(kept.0 == fresh.0, "{side:?}");
+        assert_eq!(bits(&kept.1), bits(&fresh.1), "{side:?}");
+        assert_eq!(bits(&kept.2), bits(&fresh.2), "{side:?}");
+        assert!(sa.born > 0, "{side:?}: edges came back");
     }
-    // Flip a few edges of every row: the strongest dead ones come back, some live ones die.
-    let mut other = mask.clone();
-    for o in 0..16 {
-        for i in (o..700).step_by(37) {
-            other.set(o, i, !mask.get(o, i));
-        }
-    }
-    sync_weights(&l.shape, &mask, &other, &mut w, &mut h, false).unwrap();
-    let mut fresh = (other.clone(), w.clone(), h.clone());
-    let mut kept = (other, w, h);
-    let sa = refresh_targets(
-        Side::Rows,
-        &l.shape,
-        &mut kept.1,
-        &mut kept.2,
-        &targets,
-        true,
-        &mut kept.0,
-        &mut scratch,
-        &mut hints,
-    )
-    .unwrap();
-    let sb = refresh_targets(
-        Side::Rows,
-        &l.shape,
-        &mut fresh.1,
-        &mut fresh.2,
-        &targets,
-        true,
-        &mut fresh.0,
-        &mut ActuatorScratch::default(),
-        &mut Vec::new(),
-    )
-    .unwrap();
-    assert_eq!(sa, sb);
-    assert!(kept.0 == fresh.0);
-    assert_eq!(bits(&kept.1), bits(&fresh.1));
-    assert_eq!(bits(&kept.2), bits(&fresh.2));
-    assert!(sa.born > 0, "edges came back");
 }
 
 /// The hints a layer keeps between refreshes change nothing: a run of refreshes with the
@@ -436,4 +445,61 @@ fn hints_kept_between_refreshes_change_nothing() {
             assert!(hints.iter().any(|&x| x != 0), "hints were kept");
         }
     }
+}
+
+/// SP-out's dead-key caches change nothing: weights that rise and fall together by 0.3 %
+/// per refresh (every column keeps its bracket, so after a rise the caches stand in for the
+/// shadow, and after a fall dead edges come back from them) give the same masks, weights and
+/// shadow as refreshes with fresh hints every time.
+#[test]
+fn column_caches_change_nothing() {
+    let mut r = rng(123);
+    // More than 2^15 edges: several workers count, and their keys are merged.
+    let l = layer(&mut r, 1500, 130, &[], 0);
+    let targets: Vec<u32> = (0..130).map(|_| r.gen_range(600..900)).collect();
+    let (mut a, mut b) = (
+        (l.mask.clone(), l.w.clone(), l.h.clone()),
+        (l.mask.clone(), l.w.clone(), l.h.clone()),
+    );
+    let (mut sa, mut sb) = (ActuatorScratch::default(), ActuatorScratch::default());
+    let mut hints = Vec::new();
+    let mut born = 0;
+    for step in 0..16 {
+        let trend = if step % 2 == 0 { 1.003 } else { 0.997 };
+        for (x, y) in a.1.iter_mut().zip(b.1.iter_mut()) {
+            let f = trend * r.gen_range(0.9999f32..1.0001);
+            *x *= f;
+            *y *= f;
+        }
+        let ra = refresh_targets(
+            Side::Columns,
+            &l.shape,
+            &mut a.1,
+            &mut a.2,
+            &targets,
+            true,
+            &mut a.0,
+            &mut sa,
+            &mut hints,
+        )
+        .unwrap();
+        let rb = refresh_targets(
+            Side::Columns,
+            &l.shape,
+            &mut b.1,
+            &mut b.2,
+            &targets,
+            true,
+            &mut b.0,
+            &mut sb,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(ra, rb, "step {step}");
+        assert!(a.0 == b.0, "step {step}");
+        assert_eq!(bits(&a.1), bits(&b.1), "step {step}");
+        assert_eq!(bits(&a.2), bits(&b.2), "step {step}");
+        born += ra.born;
+    }
+    assert!(born > 0, "dead edges came back");
 }
