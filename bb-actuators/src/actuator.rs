@@ -492,8 +492,7 @@ crate::multiversion! {
             for (wi, &w) in mask.row_words(r0 + r).iter().enumerate() {
                 let lo = wi * 64;
                 let n = (cols - lo).min(64);
-                let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-                let dead = !w & valid;
+                let dead = !w & crate::mask::lanes(n);
                 if dead == 0 {
                     continue;
                 }

@@ -848,12 +848,31 @@ fn update_cache<K: Kernels>(
 mod tests {
     use super::*;
 
-    /// A small deterministic generator, so that the test needs no dependency.
+    /// A small deterministic generator, so that the tests need no dependency.
     fn lcg(state: &mut u64) -> u32 {
         *state = state
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         (*state >> 33) as u32
+    }
+
+    /// Random mask words of a `[rows, cols]` matrix, padding bits zero.
+    fn random_words(s: &mut u64, rows: usize, cols: usize) -> Vec<u64> {
+        let wpr = cols.div_ceil(64);
+        (0..rows * wpr)
+            .map(|i| {
+                let x = (u64::from(lcg(s)) << 32) | u64::from(lcg(s));
+                x & crate::mask::lanes(cols - (i % wpr) * 64)
+            })
+            .collect()
+    }
+
+    /// Whether this CPU runs the AVX-512 kernels (see [`rows_flat_block`]).
+    fn has_avx512() -> bool {
+        cfg!(target_arch = "x86_64")
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
     }
 
     /// Rows with ties, zeros and a tail word, refreshed twice (so that the second pass
@@ -872,16 +891,7 @@ mod tests {
             })
             .collect();
         let h: Vec<f32> = w.iter().map(|x| x * 0.75).collect();
-        let words: Vec<u64> = (0..rows * wpr)
-            .map(|i| {
-                let x = (u64::from(lcg(&mut s)) << 32) | u64::from(lcg(&mut s));
-                if (i + 1) % wpr == 0 {
-                    x & ((1u64 << (cols % 64)) - 1)
-                } else {
-                    x
-                }
-            })
-            .collect();
+        let words = random_words(&mut s, rows, cols);
         for (i, x) in w.iter_mut().enumerate() {
             if words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64) & 1 == 0 {
                 *x = 0.0;
@@ -923,15 +933,103 @@ mod tests {
             let hb: Vec<u32> = h.iter().map(|x| x.to_bits()).collect();
             (out, wb, hb)
         };
-        let avx = cfg!(target_arch = "x86_64")
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bw");
+        let avx = has_avx512();
         for regrow in [true, false] {
             let portable = run(false, regrow);
             assert!(
                 portable.0[1].2.iter().any(|&x| x != 0),
                 "brackets were kept"
+            );
+            if avx {
+                assert_eq!(run(true, regrow), portable, "regrow {regrow}");
+            }
+        }
+    }
+
+    /// SP-out's two row passes (counting against brackets, rebuilding against thresholds)
+    /// give the same counts, bracket keys, pre-selected words, masks, weights and shadow with
+    /// the AVX-512 loops (where the CPU has them) as with the portable ones, with and without
+    /// regrowth, over whole words and a partial one, with some columns kept from `pre`.
+    #[test]
+    fn every_kernel_set_gives_the_same_columns() {
+        let (rows, cols) = (9usize, 200usize);
+        let wpr = cols.div_ceil(64);
+        let mut s = 11u64;
+        let val = |s: &mut u64| (lcg(s) % 1000) as f32 / 1000.0 - 0.5;
+        let w0: Vec<f32> = (0..rows * cols).map(|_| val(&mut s)).collect();
+        let h: Vec<f32> = (0..rows * cols).map(|_| val(&mut s)).collect();
+        let words = random_words(&mut s, rows, cols);
+        let mut w = w0.clone();
+        for (i, x) in w.iter_mut().enumerate() {
+            if (words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64)) & 1 == 0 {
+                *x = 0.0;
+            }
+        }
+        // Brackets around scores 0.1-0.4 (a tenth of the columns without one), thresholds
+        // near the same scores with a row for ties.
+        let bits_of = |x: f32| x.to_bits();
+        let mut cut = vec![u32::MAX; 2 * cols];
+        let mut thr = vec![0u32; 2 * cols];
+        for c in 0..cols {
+            let lo = bits_of(0.1 + (lcg(&mut s) % 300) as f32 / 1000.0);
+            if c % 10 != 3 {
+                (cut[c], cut[cols + c]) = (lo, lo + (1 << 19));
+            }
+            thr[c] = lo + (lcg(&mut s) % (1 << 20));
+            thr[cols + c] = lcg(&mut s) % rows as u32;
+        }
+        let kept: Vec<u64> = (0..wpr)
+            .map(|wi| {
+                let x = (u64::from(lcg(&mut s)) << 32) | u64::from(lcg(&mut s));
+                x & crate::mask::lanes(cols - wi * 64)
+            })
+            .collect();
+        let run = |avx: bool, regrow: bool| {
+            let mut cs = ColumnScratch::default();
+            let mut pre = vec![0u64; rows * wpr];
+            let (mut mw, mut wv, mut hv) = (words.clone(), w.clone(), h.clone());
+            #[cfg(target_arch = "x86_64")]
+            let st = if avx {
+                count_columns_rows::<Avx512>(
+                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                );
+                rebuild_columns_rows::<Avx512>(
+                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
+                )
+            } else {
+                count_columns_rows::<Portable>(
+                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                );
+                rebuild_columns_rows::<Portable>(
+                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
+                )
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let st = {
+                count_columns_rows::<Portable>(
+                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                );
+                rebuild_columns_rows::<Portable>(
+                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
+                )
+            };
+            let lists: Vec<Vec<u64>> = (0..cols)
+                .map(|c| {
+                    let l = (cs.counts[2 * cols + c] as usize).min(LIST_CAP);
+                    cs.lists[c * LIST_CAP..c * LIST_CAP + l].to_vec()
+                })
+                .collect();
+            let wb: Vec<u32> = wv.iter().map(|x| x.to_bits()).collect();
+            let hb: Vec<u32> = hv.iter().map(|x| x.to_bits()).collect();
+            (cs.counts.clone(), lists, cs.bad, pre, st, mw, wb, hb)
+        };
+        let avx = has_avx512();
+        for regrow in [true, false] {
+            let portable = run(false, regrow);
+            assert!(portable.0.iter().any(|&n| n > 0), "columns were counted");
+            assert!(
+                portable.4.died + portable.4.born > 0,
+                "the rebuild changed edges"
             );
             if avx {
                 assert_eq!(run(true, regrow), portable, "regrow {regrow}");
@@ -1199,9 +1297,9 @@ pub(crate) fn column_cache_len(rows: usize, cols: usize) -> usize {
 }
 
 /// After an SP-out refresh of a plain layer: the fingerprint of its new mask, for the
-/// caches (see [`column_cache_len`]).
-pub(crate) fn seal_column_caches(cache: &mut [u64], words: &[u64]) {
-    if let Some(slot) = cache.last_mut() {
+/// caches (see [`column_cache_len`]; without regrowth there are none, every header is 0).
+pub(crate) fn seal_column_caches(cache: &mut [u64], words: &[u64], regrow: bool) {
+    if let (true, Some(slot)) = (regrow, cache.last_mut()) {
         *slot = fingerprint(words);
     }
 }
@@ -1334,7 +1432,7 @@ fn rebuild_columns_rows<K: Kernels>(
             let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
             let old = *ow;
             let from_pre = if k != 0 { pre[i * wpr + wi] & k } else { 0 };
-            let new = if k == crate::fused::lanes(c1 - c0) {
+            let new = if k == crate::mask::lanes(c1 - c0) {
                 from_pre
             } else {
                 let sel = K::select_columns(
@@ -1370,115 +1468,4 @@ pub(crate) fn split_threshold(thr: u64) -> (u32, u32) {
         (thr >> 32) as u32,
         (u64::from(u32::MAX) - (thr & u64::from(u32::MAX))) as u32,
     )
-}
-
-#[cfg(test)]
-mod column_tests {
-    use super::*;
-
-    fn next(state: &mut u64) -> u32 {
-        *state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (*state >> 33) as u32
-    }
-
-    /// SP-out's two row passes (counting against brackets, rebuilding against thresholds)
-    /// give the same counts, bracket keys, pre-selected words, masks, weights and shadow with
-    /// the AVX-512 loops (where the CPU has them) as with the portable ones, with and without
-    /// regrowth, over whole words and a partial one, with some columns kept from `pre`.
-    #[test]
-    fn every_kernel_set_gives_the_same_columns() {
-        let (rows, cols) = (9usize, 200usize);
-        let wpr = cols.div_ceil(64);
-        let mut s = 11u64;
-        let val = |s: &mut u64| (next(s) % 1000) as f32 / 1000.0 - 0.5;
-        let w0: Vec<f32> = (0..rows * cols).map(|_| val(&mut s)).collect();
-        let h: Vec<f32> = (0..rows * cols).map(|_| val(&mut s)).collect();
-        let words: Vec<u64> = (0..rows * wpr)
-            .map(|i| {
-                let x = (u64::from(next(&mut s)) << 32) | u64::from(next(&mut s));
-                x & crate::fused::lanes(cols - (i % wpr) * 64)
-            })
-            .collect();
-        let mut w = w0.clone();
-        for (i, x) in w.iter_mut().enumerate() {
-            if (words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64)) & 1 == 0 {
-                *x = 0.0;
-            }
-        }
-        // Brackets around scores 0.1-0.4 (a tenth of the columns without one), thresholds
-        // near the same scores with a row for ties.
-        let bits_of = |x: f32| x.to_bits();
-        let mut cut = vec![u32::MAX; 2 * cols];
-        let mut thr = vec![0u32; 2 * cols];
-        for c in 0..cols {
-            let lo = bits_of(0.1 + (next(&mut s) % 300) as f32 / 1000.0);
-            if c % 10 != 3 {
-                (cut[c], cut[cols + c]) = (lo, lo + (1 << 19));
-            }
-            thr[c] = lo + (next(&mut s) % (1 << 20));
-            thr[cols + c] = next(&mut s) % rows as u32;
-        }
-        let kept: Vec<u64> = (0..wpr)
-            .map(|wi| {
-                let x = (u64::from(next(&mut s)) << 32) | u64::from(next(&mut s));
-                x & crate::fused::lanes(cols - wi * 64)
-            })
-            .collect();
-        let run = |avx: bool, regrow: bool| {
-            let mut cs = ColumnScratch::default();
-            let mut pre = vec![0u64; rows * wpr];
-            let (mut mw, mut wv, mut hv) = (words.clone(), w.clone(), h.clone());
-            #[cfg(target_arch = "x86_64")]
-            let st = if avx {
-                count_columns_rows::<Avx512>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Avx512>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            } else {
-                count_columns_rows::<Portable>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Portable>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let st = {
-                count_columns_rows::<Portable>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Portable>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            };
-            let lists: Vec<Vec<u64>> = (0..cols)
-                .map(|c| {
-                    let l = (cs.counts[2 * cols + c] as usize).min(LIST_CAP);
-                    cs.lists[c * LIST_CAP..c * LIST_CAP + l].to_vec()
-                })
-                .collect();
-            let wb: Vec<u32> = wv.iter().map(|x| x.to_bits()).collect();
-            let hb: Vec<u32> = hv.iter().map(|x| x.to_bits()).collect();
-            (cs.counts.clone(), lists, cs.bad, pre, st, mw, wb, hb)
-        };
-        let avx = cfg!(target_arch = "x86_64")
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bw");
-        for regrow in [true, false] {
-            let portable = run(false, regrow);
-            assert!(portable.0.iter().any(|&n| n > 0), "columns were counted");
-            assert!(
-                portable.4.died + portable.4.born > 0,
-                "the rebuild changed edges"
-            );
-            if avx {
-                assert_eq!(run(true, regrow), portable, "regrow {regrow}");
-            }
-        }
-    }
 }

@@ -385,7 +385,7 @@ fn fused_columns(
                     .enumerate()
                 {
                     let s0 = c0 + s * COLUMN_BLOCK;
-                    let need = !kept[s0 / 64] & lanes(strip.len());
+                    let need = !kept[s0 / 64] & crate::mask::lanes(strip.len());
                     if need == 0 {
                         continue;
                     }
@@ -441,21 +441,12 @@ fn fused_columns(
             };
             crate::flat::rebuild_columns_block(cols, r0, regrow, cut, kept, pre, words, w, h)
         });
-        crate::flat::seal_column_caches(caches, mask.words());
+        crate::flat::seal_column_caches(caches, mask.words(), regrow);
         return Ok(st);
     }
     Ok(blocks(&|r0, words, w, h| {
         rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h)
     }))
-}
-
-/// The mask of the first `n` (at most 64) lanes of a word.
-pub(crate) fn lanes(n: usize) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1 << n) - 1
-    }
 }
 
 /// Work on one block of rows: `(first row, its mask words, weights, shadow)`.

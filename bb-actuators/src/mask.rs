@@ -261,19 +261,23 @@ crate::multiversion! {
     }
 }
 
+/// The mask of the first `n` lanes of a word (all of them from 64 on).
+#[inline(always)]
+pub(crate) fn lanes(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
+    }
+}
+
 /// Sets the first `cols` bits of `words` to `live` and the padding bits to zero.
 pub(crate) fn fill_words(words: &mut [u64], cols: usize, live: bool) {
     for (i, w) in words.iter_mut().enumerate() {
-        *w = if !live {
-            0
+        *w = if live {
+            lanes(cols.saturating_sub(i * 64))
         } else {
-            let lo = i * 64;
-            let n = cols.saturating_sub(lo).min(64);
-            if n == 64 {
-                u64::MAX
-            } else {
-                (1u64 << n) - 1
-            }
+            0
         };
     }
 }
