@@ -354,6 +354,71 @@ fn kept_hints_notice_a_mask_changed_elsewhere() {
     }
 }
 
+/// The same layer refreshed twice over: once keeping its hints, once with fresh ones every
+/// time. `refresh` asserts that both give the same stats, mask, weights and shadow.
+struct KeptAndFresh {
+    shape: EdgeShape,
+    kept: (BitMask, Vec<f32>, Vec<f32>),
+    fresh: (BitMask, Vec<f32>, Vec<f32>),
+    scratch: (ActuatorScratch, ActuatorScratch),
+    hints: Vec<u64>,
+}
+
+impl KeptAndFresh {
+    fn new(l: &Layer) -> Self {
+        let copy = || (l.mask.clone(), l.w.clone(), l.h.clone());
+        Self {
+            shape: l.shape.clone(),
+            kept: copy(),
+            fresh: copy(),
+            scratch: Default::default(),
+            hints: Vec::new(),
+        }
+    }
+
+    /// Multiplies each weight of both copies by the next factor from `f`.
+    fn drift(&mut self, mut f: impl FnMut() -> f32) {
+        for (x, y) in self.kept.1.iter_mut().zip(self.fresh.1.iter_mut()) {
+            let g = f();
+            *x *= g;
+            *y *= g;
+        }
+    }
+
+    fn refresh(&mut self, side: Side, targets: &[u32], regrow: bool, what: &str) -> SyncStats {
+        let (a, b) = (&mut self.kept, &mut self.fresh);
+        let ra = refresh_targets(
+            side,
+            &self.shape,
+            &mut a.1,
+            &mut a.2,
+            targets,
+            regrow,
+            &mut a.0,
+            &mut self.scratch.0,
+            &mut self.hints,
+        )
+        .unwrap();
+        let rb = refresh_targets(
+            side,
+            &self.shape,
+            &mut b.1,
+            &mut b.2,
+            targets,
+            regrow,
+            &mut b.0,
+            &mut self.scratch.1,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(ra, rb, "{what}");
+        assert!(a.0 == b.0, "{what}");
+        assert_eq!(bits(&a.1), bits(&b.1), "{what}");
+        assert_eq!(bits(&a.2), bits(&b.2), "{what}");
+        ra
+    }
+}
+
 /// The hints a layer keeps between refreshes change nothing: a run of refreshes with the
 /// weights drifting and the targets changing now and then (so that remembered brackets
 /// sometimes hold and sometimes miss) gives the same masks, weights and shadow as the same
@@ -382,12 +447,8 @@ fn hints_kept_between_refreshes_change_nothing() {
         } else {
             layer(&mut r, 1500, if mode == 2 { 12 } else { 130 }, &[], mode)
         };
-        let (mut a, mut b) = (
-            (l.mask.clone(), l.w.clone(), l.h.clone()),
-            (l.mask.clone(), l.w.clone(), l.h.clone()),
-        );
-        let (mut sa, mut sb) = (ActuatorScratch::default(), ActuatorScratch::default());
-        let (mut hints, mut targets) = (Vec::new(), Vec::new());
+        let mut pair = KeptAndFresh::new(&l);
+        let mut targets = Vec::new();
         for step in 0..12 {
             // New targets every fourth refresh: in between, most brackets hold (for columns,
             // whole mask words of them, which are then rebuilt without reading the weights).
@@ -398,51 +459,23 @@ fn hints_kept_between_refreshes_change_nothing() {
             }
             // Drift: small relative changes of every live weight, a few large ones.
             let trend = if shrink { 0.993 } else { 1.0 };
-            let drift: Vec<f32> = (0..l.w.len())
-                .map(|_| {
-                    trend
-                        * if r.gen_bool(0.01) {
-                            r.gen_range(0.5f32..2.0)
-                        } else {
-                            r.gen_range(0.995f32..1.005)
-                        }
-                })
-                .collect();
-            for ((x, y), f) in a.1.iter_mut().zip(b.1.iter_mut()).zip(&drift) {
-                *x *= f;
-                *y *= f;
-            }
-            let ra = refresh_targets(
-                side, &l.shape, &mut a.1, &mut a.2, &targets, regrow, &mut a.0, &mut sa, &mut hints,
-            )
-            .unwrap();
-            let rb = refresh_targets(
+            pair.drift(|| {
+                trend
+                    * if r.gen_bool(0.01) {
+                        r.gen_range(0.5f32..2.0)
+                    } else {
+                        r.gen_range(0.995f32..1.005)
+                    }
+            });
+            pair.refresh(
                 side,
-                &l.shape,
-                &mut b.1,
-                &mut b.2,
                 &targets,
                 regrow,
-                &mut b.0,
-                &mut sb,
-                &mut Vec::new(),
-            )
-            .unwrap();
-            assert_eq!(ra, rb, "mode {mode} shrink {shrink} step {step}");
-            assert!(a.0 == b.0, "mode {mode} shrink {shrink} step {step}");
-            assert_eq!(
-                bits(&a.1),
-                bits(&b.1),
-                "mode {mode} shrink {shrink} step {step}"
-            );
-            assert_eq!(
-                bits(&a.2),
-                bits(&b.2),
-                "mode {mode} shrink {shrink} step {step}"
+                &format!("mode {mode} shrink {shrink} step {step}"),
             );
         }
         if regrow {
-            assert!(hints.iter().any(|&x| x != 0), "hints were kept");
+            assert!(pair.hints.iter().any(|&x| x != 0), "hints were kept");
         }
     }
 }
@@ -457,49 +490,14 @@ fn column_caches_change_nothing() {
     // More than 2^15 edges: several workers count, and their keys are merged.
     let l = layer(&mut r, 1500, 130, &[], 0);
     let targets: Vec<u32> = (0..130).map(|_| r.gen_range(600..900)).collect();
-    let (mut a, mut b) = (
-        (l.mask.clone(), l.w.clone(), l.h.clone()),
-        (l.mask.clone(), l.w.clone(), l.h.clone()),
-    );
-    let (mut sa, mut sb) = (ActuatorScratch::default(), ActuatorScratch::default());
-    let mut hints = Vec::new();
+    let mut pair = KeptAndFresh::new(&l);
     let mut born = 0;
     for step in 0..16 {
         let trend = if step % 2 == 0 { 1.003 } else { 0.997 };
-        for (x, y) in a.1.iter_mut().zip(b.1.iter_mut()) {
-            let f = trend * r.gen_range(0.9999f32..1.0001);
-            *x *= f;
-            *y *= f;
-        }
-        let ra = refresh_targets(
-            Side::Columns,
-            &l.shape,
-            &mut a.1,
-            &mut a.2,
-            &targets,
-            true,
-            &mut a.0,
-            &mut sa,
-            &mut hints,
-        )
-        .unwrap();
-        let rb = refresh_targets(
-            Side::Columns,
-            &l.shape,
-            &mut b.1,
-            &mut b.2,
-            &targets,
-            true,
-            &mut b.0,
-            &mut sb,
-            &mut Vec::new(),
-        )
-        .unwrap();
-        assert_eq!(ra, rb, "step {step}");
-        assert!(a.0 == b.0, "step {step}");
-        assert_eq!(bits(&a.1), bits(&b.1), "step {step}");
-        assert_eq!(bits(&a.2), bits(&b.2), "step {step}");
-        born += ra.born;
+        pair.drift(|| trend * r.gen_range(0.9999f32..1.0001));
+        born += pair
+            .refresh(Side::Columns, &targets, true, &format!("step {step}"))
+            .born;
     }
     assert!(born > 0, "dead edges came back");
 }
