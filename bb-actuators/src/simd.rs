@@ -5,12 +5,46 @@
 //! CPU supports at run time, so builds stay portable and still use the
 //! wide vector units where they exist. The choice never changes results: the body is the same
 //! code and Rust does not contract `a * b + c` into a fused multiply-add by itself.
+//!
+//! The one exception is asked for by name: `multiversion! { fused LANES; fn ... }` gives the
+//! body a const `LANES` (16 with AVX-512, 8 with AVX2 + FMA, 0 on the baseline) so that it can
+//! pick tile widths for the vector registers and use `f32::mul_add` where the CPU fuses it.
+//! Such a function's results may differ in the last bits between CPUs (never between runs on
+//! one machine); only compacted inference uses it, never training or the refresh.
 
 /// Defines `fn name(args) -> ret { body }` compiled for the baseline and for AVX2 + FMA,
 /// dispatching at run time. Arguments must be plain identifiers with concrete types.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! multiversion {
+    (fused $lanes:ident; $(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic<const $lanes: usize>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
+                unsafe fn widest($($arg: $ty),*) $(-> $ret)? {
+                    generic::<16>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,popcnt")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    generic::<8>($($arg),*)
+                }
+                let popcnt = std::is_x86_feature_detected!("popcnt");
+                if popcnt && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: `widest` only needs the CPU features checked just above.
+                    return unsafe { widest($($arg),*) };
+                }
+                if popcnt && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: `wide` only needs the CPU features checked just above.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            generic::<0>($($arg),*)
+        }
+    };
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {

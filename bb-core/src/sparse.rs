@@ -128,7 +128,8 @@ impl CsrLayer {
         (&self.row_ptr, cols, &self.vals)
     }
 
-    /// Rebuilds a layer from exported parts (checked).
+    /// Rebuilds a layer from exported parts (checked: consistent lengths, columns in range
+    /// and strictly increasing within each row).
     pub fn from_parts(
         out: usize,
         inp: usize,
@@ -143,6 +144,10 @@ impl CsrLayer {
             && *row_ptr.last().unwrap_or(&0) as usize == vals.len()
             && cols.len() == vals.len()
             && cols.iter().all(|&c| (c as usize) < inp)
+            // Each row's columns strictly increasing (the blocked kernels count on it).
+            && row_ptr.windows(2).all(|w| {
+                cols[w[0] as usize..w[1] as usize].windows(2).all(|p| p[0] < p[1])
+            })
             && bias.as_ref().is_none_or(|b| b.len() == out);
         if !ok {
             return Err(BbError::Parse(format!(
@@ -191,19 +196,11 @@ impl CsrLayer {
         } else {
             // Transpose to [in, batch] so each live weight reads one contiguous batch vector.
             scratch.xt.resize(self.inp * batch, 0.0);
-            for b in 0..batch {
-                for i in 0..self.inp {
-                    scratch.xt[i * batch + b] = x[b * self.inp + i];
-                }
-            }
+            transpose(x, batch, self.inp, &mut scratch.xt);
             scratch.yt.resize(self.out * batch, 0.0);
             let mut yt = std::mem::take(&mut scratch.yt);
             self.rows_into(&scratch.xt, batch, &mut yt);
-            for o in 0..self.out {
-                for b in 0..batch {
-                    y[b * self.out + o] = yt[o * batch + b];
-                }
-            }
+            transpose(&yt, self.out, batch, y);
             scratch.yt = yt;
         }
         Ok(())
@@ -219,6 +216,35 @@ impl CsrLayer {
             yt.chunks_mut(chunk).enumerate().for_each(run);
         } else {
             yt.par_chunks_mut(chunk).enumerate().for_each(run);
+        }
+    }
+}
+
+/// `dst` (`[cols, rows]`) = `src` (`[rows, cols]`) transposed, in parallel over tiles of
+/// `dst` rows when there is enough of it.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 16;
+    let run = |(t, chunk): (usize, &mut [f32])| transpose_tile(src, rows, cols, t * B, chunk);
+    if rows * cols < PARALLEL_MIN_WORK {
+        dst.chunks_mut(B * rows).enumerate().for_each(run);
+    } else {
+        dst.par_chunks_mut(B * rows).enumerate().for_each(run);
+    }
+}
+
+bb_actuators::multiversion! {
+    /// Rows `c0..` of the transposed `src` into `chunk`, in square tiles so that both sides
+    /// are read and written a cache line at a time.
+    fn transpose_tile(src: &[f32], rows: usize, cols: usize, c0: usize, chunk: &mut [f32]) {
+        const B: usize = 16;
+        let width = chunk.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
+            for (c, line) in chunk.chunks_exact_mut(rows).enumerate().take(width) {
+                for (r, d) in (r0..r1).zip(&mut line[r0..r1]) {
+                    *d = src[r * cols + c0 + c];
+                }
+            }
         }
     }
 }
@@ -253,6 +279,7 @@ bb_actuators::multiversion! {
 }
 
 bb_actuators::multiversion! {
+    fused LANES;
     /// Rows `o0..` for a batch whose transposed input fits in cache, one row at a time.
     fn csr_rows(layer: &CsrLayer, o0: usize, xt: &[f32], batch: usize, block: &mut [f32]) {
         for (r, acc) in block.chunks_mut(batch).enumerate() {
@@ -260,14 +287,15 @@ bb_actuators::multiversion! {
             let (a, b) = (layer.row_ptr[o] as usize, layer.row_ptr[o + 1] as usize);
             let bias = Some(bias_of(layer, o));
             match &layer.cols {
-                Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
-                Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
+                Columns::U16(c) => row_tiles::<_, LANES>(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
+                Columns::U32(c) => row_tiles::<_, LANES>(&c[a..b], &layer.vals[a..b], None, bias, xt, batch, acc),
             };
         }
     }
 }
 
 bb_actuators::multiversion! {
+    fused LANES;
     /// Rows `o0..` for a batch (`xt` is `[in, batch]`).
     ///
     /// Column blocks: every row of the task adds the products of its live weights in one
@@ -287,19 +315,21 @@ bb_actuators::multiversion! {
             for (r, acc) in block.chunks_mut(batch).enumerate().take(rows) {
                 let (a, b) = (cur[r], layer.row_ptr[o0 + r + 1] as usize);
                 cur[r] = match &layer.cols {
-                    Columns::U16(c) => row_tiles(&c[a..b], &layer.vals[a..b], Some(c_end), None, xt, batch, acc),
-                    Columns::U32(c) => row_tiles(&c[a..b], &layer.vals[a..b], Some(c_end), None, xt, batch, acc),
+                    Columns::U16(c) => row_tiles::<_, LANES>(&c[a..b], &layer.vals[a..b], Some((c_end, kb)), None, xt, batch, acc),
+                    Columns::U32(c) => row_tiles::<_, LANES>(&c[a..b], &layer.vals[a..b], Some((c_end, kb)), None, xt, batch, acc),
                 } + a;
             }
         }
     }
 }
 
-/// Inputs per column block: all of them while the transposed input fits in a core's
-/// mid-level cache; otherwise about 32 KiB of it, with at least about 16 live weights per
-/// row and block on average.
+/// Inputs per column block. Wide batches (64 lanes or more, several cache lines per live
+/// weight) work on about 32 KiB of the transposed input at a time, so that it is read from
+/// the nearest cache; narrower ones take all inputs while they fit in a core's mid-level cache
+/// and blocks of 32 KiB otherwise. Blocks hold at least about 16 live weights per row on average.
 fn column_block(layer: &CsrLayer, batch: usize) -> usize {
-    if layer.inp * batch * 4 <= 512 * 1024 {
+    let whole = if batch >= 64 { 32 * 1024 } else { 512 * 1024 };
+    if layer.inp * batch * 4 <= whole {
         return layer.inp.max(1);
     }
     let by_cache = (32 * 1024 / 4) / batch.max(1);
@@ -328,20 +358,24 @@ fn row_dot1<C: Copy + Into<u32>>(cols: &[C], vals: &[f32], xt: &[f32]) -> f32 {
 }
 
 /// Adds `vals[k] * xt[cols[k] * batch + b]` to `acc[b]` for the leading live weights of a row
-/// whose columns are below `c_end` (all of them without one); returns how many that was.
+/// whose columns are below `c_end.0` (all of them without one; the block the columns come
+/// from is `c_end.1` wide); returns how many that was.
 /// With `bias`, the sums start from it instead of from `acc`.
 #[inline(always)]
-fn row_tiles<C: Copy + Into<u32>>(
+fn row_tiles<C: Copy + Into<u32>, const LANES: usize>(
     cols: &[C],
     vals: &[f32],
-    c_end: Option<usize>,
+    c_end: Option<(usize, usize)>,
     bias: Option<f32>,
     xt: &[f32],
     batch: usize,
     acc: &mut [f32],
 ) -> usize {
-    let n = c_end.map_or(cols.len(), |e| {
-        cols.partition_point(|&c| (c.into() as usize) < e)
+    // The columns are distinct and sorted, so at most `width` of them lie in a block that
+    // is `width` wide: counting those below the end needs no search.
+    let n = c_end.map_or(cols.len(), |(e, width)| {
+        let head = &cols[..cols.len().min(width)];
+        head.iter().filter(|&&c| (c.into() as usize) < e).count()
     });
     let (cols, vals) = (&cols[..n], &vals[..n]);
     if n == 0 && bias.is_none() {
@@ -351,24 +385,52 @@ fn row_tiles<C: Copy + Into<u32>>(
     // row's live weights over several partial sums (P), so that consecutive multiply-adds
     // do not wait on each other.
     let mut b0 = 0;
+    if LANES >= 16 {
+        while batch - b0 >= 128 {
+            tile::<C, 128, 1, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 128]);
+            b0 += 128;
+        }
+    }
+    if LANES >= 8 {
+        while batch - b0 >= 64 {
+            tile::<C, 64, 1, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+            b0 += 64;
+        }
+        while batch - b0 >= 32 {
+            tile::<C, 32, 2, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+            b0 += 32;
+        }
+        while batch - b0 >= 16 {
+            tile::<C, 16, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+            b0 += 16;
+        }
+        while batch - b0 >= 4 {
+            tile::<C, 4, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+            b0 += 4;
+        }
+        while b0 < batch {
+            tile::<C, 1, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+            b0 += 1;
+        }
+    }
     while batch - b0 >= 64 {
-        tile::<C, 64, 1>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+        tile::<C, 64, 1, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
         b0 += 64;
     }
     while batch - b0 >= 32 {
-        tile::<C, 32, 2>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+        tile::<C, 32, 2, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
         b0 += 32;
     }
     while batch - b0 >= 16 {
-        tile::<C, 16, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+        tile::<C, 16, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
         b0 += 16;
     }
     while batch - b0 >= 4 {
-        tile::<C, 4, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+        tile::<C, 4, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
         b0 += 4;
     }
     while b0 < batch {
-        tile::<C, 1, 4>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+        tile::<C, 1, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
         b0 += 1;
     }
     n
@@ -378,7 +440,7 @@ fn row_tiles<C: Copy + Into<u32>>(
 /// partial sums (live weight `k` goes to sum `k % P`, the tail to the first), added
 /// pairwise at the end.
 #[inline(always)]
-fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
+fn tile<C: Copy + Into<u32>, const T: usize, const P: usize, const F: bool>(
     cols: &[C],
     vals: &[f32],
     xt: &[f32],
@@ -402,7 +464,7 @@ fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
         for (&c, &v) in cols.iter().zip(vals) {
             let x = x_at(c);
             for l in 0..T {
-                acc[l] += v * x[l];
+                acc[l] = madd::<F>(v, x[l], acc[l]);
             }
         }
         out.copy_from_slice(&acc);
@@ -416,14 +478,14 @@ fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
         for p in 0..P {
             let x = x_at(c[p]);
             for l in 0..T {
-                acc[p][l] += v[p] * x[l];
+                acc[p][l] = madd::<F>(v[p], x[l], acc[p][l]);
             }
         }
     }
     for (&c, &v) in cr.iter().zip(vr) {
         let x = x_at(c);
         for l in 0..T {
-            acc[0][l] += v * x[l];
+            acc[0][l] = madd::<F>(v, x[l], acc[0][l]);
         }
     }
     let mut width = P;
@@ -437,6 +499,16 @@ fn tile<C: Copy + Into<u32>, const T: usize, const P: usize>(
         }
     }
     out.copy_from_slice(&acc[0]);
+}
+
+/// `a * b + c`, fused (rounded once) with `F`.
+#[inline(always)]
+fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        c + a * b
+    }
 }
 
 /// Buffers reused by [`CsrLayer::forward`].

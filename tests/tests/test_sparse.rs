@@ -27,12 +27,14 @@ fn naive(w: &[f32], m: &BitMask, s: &[f32], b: &[f32], x: &[f32], batch: usize) 
 #[test]
 fn csr_forward_matches_masked_dense() {
     let mut r = rng(5);
-    // The last two are wide enough for the column-blocked path at batch 128.
+    // The last three are wide enough for the column-blocked path at batch 128 (the first of
+    // them dense enough that most of a block's columns are live).
     for (out, inp, density) in [
         (7, 9, 0.5),
         (130, 70, 0.1),
         (300, 600, 0.3),
         (64, 1, 1.0),
+        (90, 700, 0.9),
         (70, 1500, 0.3),
         (20, 3000, 0.02),
     ] {
@@ -54,7 +56,8 @@ fn csr_forward_matches_masked_dense() {
             CsrLayer::from_parts(out, inp, rp.to_vec(), cols, vals.to_vec(), Some(b.clone()))
                 .unwrap();
         let mut scratch = SparseScratch::default();
-        for batch in [1usize, 3, 16, 37, 128] {
+        // 373 = 2 * 128 + 64 + 32 + 16 + 4 + 1: every batch tile width.
+        for batch in [1usize, 3, 16, 37, 128, 373] {
             let x = random_weights(&mut r, batch * inp, false);
             let want = naive(&w, &m, &s, &b, &x, batch);
             for layer in [&csr, &again] {
@@ -72,6 +75,11 @@ fn csr_forward_matches_masked_dense() {
     // Inconsistent parts and wrong buffer sizes are errors.
     assert!(CsrLayer::from_parts(2, 3, vec![0, 1], vec![0], vec![1.0], None).is_err());
     assert!(CsrLayer::from_parts(1, 3, vec![0, 1], vec![5], vec![1.0], None).is_err());
+    // Columns out of order or repeated within a row.
+    let two = vec![1.0, 2.0];
+    assert!(CsrLayer::from_parts(1, 3, vec![0, 2], vec![2, 0], two.clone(), None).is_err());
+    assert!(CsrLayer::from_parts(1, 3, vec![0, 2], vec![1, 1], two.clone(), None).is_err());
+    assert!(CsrLayer::from_parts(2, 3, vec![0, 1, 2], vec![2, 0], two, None).is_ok());
     let csr = CsrLayer::from_masked(&[1.0; 6], &BitMask::full(2, 3), None, None).unwrap();
     assert!(csr
         .forward(&[0.0; 5], 2, &mut [0.0; 4], &mut SparseScratch::default())
