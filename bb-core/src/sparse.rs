@@ -392,48 +392,44 @@ fn row_tiles<C: Copy + Into<u32>, const LANES: usize>(
         }
     }
     if LANES >= 8 {
-        while batch - b0 >= 64 {
-            tile::<C, 64, 1, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
-            b0 += 64;
-        }
-        while batch - b0 >= 32 {
-            tile::<C, 32, 2, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
-            b0 += 32;
-        }
-        while batch - b0 >= 16 {
-            tile::<C, 16, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
-            b0 += 16;
-        }
-        while batch - b0 >= 4 {
-            tile::<C, 4, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
-            b0 += 4;
-        }
-        while b0 < batch {
-            tile::<C, 1, 4, true>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
-            b0 += 1;
-        }
+        narrow_tiles::<C, true>(cols, vals, xt, batch, b0, bias, acc);
+    } else {
+        narrow_tiles::<C, false>(cols, vals, xt, batch, b0, bias, acc);
     }
+    n
+}
+
+/// [`row_tiles`]' tiles of 64 lanes and narrower, from lane `b0` to the end of the batch.
+#[inline(always)]
+fn narrow_tiles<C: Copy + Into<u32>, const F: bool>(
+    cols: &[C],
+    vals: &[f32],
+    xt: &[f32],
+    batch: usize,
+    mut b0: usize,
+    bias: Option<f32>,
+    acc: &mut [f32],
+) {
     while batch - b0 >= 64 {
-        tile::<C, 64, 1, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
+        tile::<C, 64, 1, F>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 64]);
         b0 += 64;
     }
     while batch - b0 >= 32 {
-        tile::<C, 32, 2, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
+        tile::<C, 32, 2, F>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 32]);
         b0 += 32;
     }
     while batch - b0 >= 16 {
-        tile::<C, 16, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
+        tile::<C, 16, 4, F>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 16]);
         b0 += 16;
     }
     while batch - b0 >= 4 {
-        tile::<C, 4, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
+        tile::<C, 4, 4, F>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 4]);
         b0 += 4;
     }
     while b0 < batch {
-        tile::<C, 1, 4, false>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
+        tile::<C, 1, 4, F>(cols, vals, xt, batch, b0, bias, &mut acc[b0..b0 + 1]);
         b0 += 1;
     }
-    n
 }
 
 /// Adds the products of a row's live weights to `T` batch lanes from `b0` on, with `P`
