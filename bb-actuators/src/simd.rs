@@ -45,32 +45,11 @@ macro_rules! multiversion {
             generic::<0>($($arg),*)
         }
     };
+    // The plain form: the same dispatch, with a lane count the body does not look at.
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
-                unsafe fn widest($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma,popcnt")]
-                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
-                }
-                let popcnt = std::is_x86_feature_detected!("popcnt");
-                if popcnt && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: `widest` only needs the CPU features checked just above.
-                    return unsafe { widest($($arg),*) };
-                }
-                if popcnt && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: `wide` only needs the CPU features checked just above.
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            generic($($arg),*)
+        $crate::multiversion! {
+            fused _LANES;
+            $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? $body
         }
     };
 }

@@ -220,10 +220,13 @@ impl CsrLayer {
     }
 }
 
+/// Side of the square tiles of [`transpose`].
+const TRANSPOSE_TILE: usize = 16;
+
 /// `dst` (`[cols, rows]`) = `src` (`[rows, cols]`) transposed, in parallel over tiles of
 /// `dst` rows when there is enough of it.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const B: usize = 16;
+    const B: usize = TRANSPOSE_TILE;
     let run = |(t, chunk): (usize, &mut [f32])| transpose_tile(src, rows, cols, t * B, chunk);
     if rows * cols < PARALLEL_MIN_WORK {
         dst.chunks_mut(B * rows).enumerate().for_each(run);
@@ -236,7 +239,7 @@ bb_actuators::multiversion! {
     /// Rows `c0..` of the transposed `src` into `chunk`, in square tiles so that both sides
     /// are read and written a cache line at a time.
     fn transpose_tile(src: &[f32], rows: usize, cols: usize, c0: usize, chunk: &mut [f32]) {
-        const B: usize = 16;
+        const B: usize = TRANSPOSE_TILE;
         let width = chunk.len() / rows;
         for r0 in (0..rows).step_by(B) {
             let r1 = (r0 + B).min(rows);
