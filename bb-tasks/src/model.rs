@@ -394,9 +394,38 @@ fn same_type<A: 'static, B: 'static>(a: A) -> std::result::Result<B, A> {
     }
 }
 
-/// Bit `i` of a packed bit set.
-fn bit(bits: &[u64], i: usize) -> bool {
-    bits[i / 64] >> (i % 64) & 1 == 1
+bb_actuators::multiversion! {
+    /// Bit `i` of `bits` (64 per word) set where `v[i] > 0`.
+    fn positive_bits(v: &[f32], bits: &mut [u64]) {
+        for (chunk, word) in v.chunks(64).zip(bits.iter_mut()) {
+            let mut m = 0u64;
+            for (half, part) in chunk.chunks(32).enumerate() {
+                let mut h = 0u32;
+                for (j, &z) in part.iter().enumerate() {
+                    h |= u32::from(z > 0.0) << j;
+                }
+                m |= u64::from(h) << (32 * half);
+            }
+            *word = m;
+        }
+    }
+}
+
+bb_actuators::multiversion! {
+    /// The ReLU's backward pass on `g` in place: `0 + g` where the bit of `active` is set,
+    /// `+0` elsewhere (bit for bit the dfdx op's `0 + [z > 0] * g`), without a branch per value
+    /// (the active bits of a layer follow no pattern a branch predictor could learn).
+    fn relu_backward(g: &mut [f32], active: &[u64]) {
+        for (chunk, &word) in g.chunks_mut(64).zip(active) {
+            for (half, part) in chunk.chunks_mut(32).enumerate() {
+                let bits = (word >> (32 * half)) as u32;
+                for (j, g) in part.iter_mut().enumerate() {
+                    let keep = ((bits >> j) & 1).wrapping_neg();
+                    *g = f32::from_bits((0.0 + *g).to_bits() & keep);
+                }
+            }
+        }
+    }
 }
 
 /// `act(y ⊙ s + b)` row by row for batch-major `y` `[B, O]` (per-column factor `s`, bias
@@ -444,9 +473,7 @@ fn cpu_affine<T: 'static>(
     // the ReLU's derivative: out > 0 exactly where z > 0
     let active: Vec<u64> = if relu && owned.is_some() {
         let mut bits = vec![0u64; v.len().div_ceil(64)];
-        for (i, &z) in v.iter().enumerate() {
-            bits[i / 64] |= ((z > 0.0) as u64) << (i % 64);
-        }
+        positive_bits(&v, &mut bits);
         bits
     } else {
         Vec::new()
@@ -460,9 +487,7 @@ fn cpu_affine<T: 'static>(
     tape.add_backward_op(move |grads| {
         let mut go = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
         if relu {
-            for (i, g) in go.iter_mut().enumerate() {
-                *g = if bit(&active, i) { 0.0 + *g } else { 0.0 };
-            }
+            relu_backward(&mut go, &active);
         }
         let gb = grads.get_or_alloc_mut(&bg)?;
         for row in go.chunks_exact(o) {
@@ -545,13 +570,18 @@ mod tests {
     }
 
     /// The fused CPU kernel and the dfdx composition give the same bits: loss, activations,
-    /// logits and every gradient, with and without SP-in factors.
+    /// logits and every gradient, with and without SP-in factors. The wider layers hold many
+    /// words of ReLU bits and a partial last one.
     #[test]
     fn fused_cpu_layer_is_bit_identical_to_the_dfdx_ops() {
         let dev = Cpu::default();
-        let widths = [7, 9, 6, 3];
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for (case, batch) in [(0, 5), (1, 1), (2, 13)] {
+        for (case, batch, widths) in [
+            (0, 5, [7, 9, 6, 3]),
+            (1, 1, [7, 9, 6, 3]),
+            (2, 13, [7, 9, 6, 3]),
+            (3, 11, [7, 70, 45, 3]),
+        ] {
             let mut models: Vec<Mlp<Cpu>> = (0..2)
                 .map(|_| Mlp::new(&dev, &widths, case).unwrap())
                 .collect();
