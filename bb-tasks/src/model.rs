@@ -1,10 +1,14 @@
 //! A multilayer perceptron whose depth and widths are chosen at run time, on dfdx.
 //!
-//! Parameters live twice: as dfdx tensors on the device (used by the forward and backward
-//! passes) and as host `Vec<f32>` master copies that the optimizer and the pruner edit in
-//! place. After every host-side edit, [`Mlp::sync_to_device`] copies the host values into the
-//! *same* device tensors with `copy_from`, so each parameter keeps its tensor id for the whole
-//! run (gradients are looked up by id).
+//! The host `Vec<f32>` copies of the parameters are the master values, which the optimizer and
+//! the pruner edit in place. On the CPU the training step and the forward pass read them
+//! directly: the products are the same gemm calls dfdx's CPU backend makes and everything
+//! around them repeats dfdx's float operations (only the loss goes through dfdx), so values
+//! and gradients are bit-identical to the dfdx ops, without a copy of the weights per step.
+//! On other devices the parameters also live as dfdx tensors used by dfdx's forward and
+//! backward passes: after every host-side edit, [`Mlp::sync_to_device`] copies the host values
+//! into the *same* device tensors with `copy_from`, so each parameter keeps its tensor id for
+//! the whole run (gradients are looked up by id).
 //!
 //! Layout: layer `l` (named `fc{l+1}`) has weights `[out, in]` (row-major, dfdx layout: rows are
 //! output units) and a bias `[out]`. Activations are batch-major `[batch, units]`. Every hidden
@@ -55,8 +59,8 @@ pub struct Mlp<D: Device<f32>> {
     host_w: Vec<Vec<f32>>,
     host_b: Vec<Vec<f32>>,
     host_scale: Vec<Option<Vec<f32>>>,
-    /// Use the fused CPU kernel after each matrix product (off only in tests that compare it
-    /// with the dfdx composition).
+    /// On the CPU, run the forward and training passes on the host parameters (off only in
+    /// tests that compare them with the dfdx ops).
     fused: bool,
 }
 
@@ -189,8 +193,13 @@ impl<D: Device<f32>> Mlp<D> {
         Ok(())
     }
 
-    /// Copies the host parameters into the device tensors in place (tensor ids are kept).
+    /// Copies the host parameters into the device tensors in place (tensor ids are kept); a
+    /// no-op on the CPU, whose passes read the host parameters.
     pub fn sync_to_device(&mut self) {
+        if self.host_cpu().is_some() {
+            // the CPU step reads the host values themselves: there is nothing to copy
+            return;
+        }
         for l in 0..self.num_layers() {
             self.w[l].copy_from(&self.host_w[l]);
             self.b[l].copy_from(&self.host_b[l]);
@@ -198,8 +207,22 @@ impl<D: Device<f32>> Mlp<D> {
     }
 
     /// Reads the device tensors' values (for checks; the host copies are the master values).
+    /// (On the CPU the forward and backward passes read the host values, which are returned.)
     pub fn device_weights(&self, l: usize) -> Vec<f32> {
+        if self.host_cpu().is_some() {
+            return self.host_w[l].clone();
+        }
         self.w[l].as_vec()
+    }
+
+    /// The host parameters as the CPU step reads them.
+    fn params(&self) -> HostParams<'_> {
+        HostParams {
+            widths: &self.widths,
+            w: &self.host_w,
+            b: &self.host_b,
+            scale: &self.host_scale,
+        }
     }
 
     fn check_input(&self, x: &[f32], batch: usize) -> Result<()> {
@@ -213,13 +236,9 @@ impl<D: Device<f32>> Mlp<D> {
         Ok(())
     }
 
-    /// One layer: `x [B, in] -> act(scale ⊙ (x W^T) + b) [B, out]` (a fresh, contiguous
-    /// tensor), with `act` the ReLU if `relu`, else the identity.
-    ///
-    /// On the CPU everything after the matrix product is one fused pass forward and one
-    /// backward ([`cpu_affine`]), with the same float operations in the same order as the
-    /// dfdx composition used on other devices (scale multiply, broadcast bias add, ReLU), so
-    /// both give bit-identical values and gradients.
+    /// One layer as dfdx ops: `x [B, in] -> act(scale ⊙ (x W^T) + b) [B, out]` (a fresh,
+    /// contiguous tensor), with `act` the ReLU if `relu`, else the identity. Other devices
+    /// train with it; on the CPU it is the reference the host step is tested against.
     fn layer<T>(
         &self,
         l: usize,
@@ -227,26 +246,12 @@ impl<D: Device<f32>> Mlp<D> {
         relu: bool,
     ) -> Tensor<(usize, usize), f32, D, T>
     where
-        T: Tape<f32, D> + Merge<NoneTape> + 'static,
+        T: Tape<f32, D> + Merge<NoneTape>,
     {
         let batch = x.shape().0;
         let o = self.widths[l + 1];
         let wt = self.w[l].clone().permute::<(usize, usize), Axes2<1, 0>>();
         let y = x.matmul(wt);
-        let y = match (self.fused, same_type(y)) {
-            (true, Ok(y)) => {
-                let b: &dyn Any = &self.b[l];
-                let b = b
-                    .downcast_ref()
-                    .expect("the bias lives on the model's device");
-                match cpu_affine::<T>(y, self.host_scale[l].as_deref(), b, relu) {
-                    Ok(out) => return same_type(out).unwrap_or_else(|_| unreachable!()),
-                    Err(y) => same_type(y).unwrap_or_else(|_| unreachable!()),
-                }
-            }
-            (_, Ok(y)) => same_type(y).unwrap_or_else(|_| unreachable!()),
-            (_, Err(y)) => y,
-        };
         let y = match &self.scale[l] {
             Some(s) => y * s.clone().broadcast_like::<_, Axis<0>>(&(batch, o)),
             None => y,
@@ -259,9 +264,22 @@ impl<D: Device<f32>> Mlp<D> {
         }
     }
 
+    /// The CPU device, when the step runs on the host parameters (see [`host_forward`]).
+    fn host_cpu(&self) -> Option<&Cpu> {
+        if !self.fused {
+            return None;
+        }
+        let dev: &dyn Any = &self.dev;
+        dev.downcast_ref()
+    }
+
     /// Inference pass (no tape).
     pub fn forward(&self, x: &[f32], batch: usize) -> Result<EvalOutput> {
         self.check_input(x, batch)?;
+        if self.host_cpu().is_some() {
+            let (hidden, _, logits) = host_forward(self.params(), x, batch, false);
+            return Ok(EvalOutput { logits, hidden });
+        }
         let mut h = self
             .dev
             .tensor_from_vec(x.to_vec(), (batch, self.widths[0]));
@@ -338,6 +356,9 @@ impl<D: Device<f32>> Mlp<D> {
             );
             onehot[r * classes + y] = 1.0;
         }
+        if let Some(cpu) = self.host_cpu() {
+            return host_step(self.params(), cpu, x, onehot, batch, keep_hidden, observe);
+        }
         let x = self
             .dev
             .tensor_from_vec(x.to_vec(), (batch, self.widths[0]))
@@ -384,16 +405,6 @@ impl<D: Device<f32>> Mlp<D> {
     }
 }
 
-/// `a` as a `B` if `A` and `B` are the same type (checked at run time), else `a` back.
-fn same_type<A: 'static, B: 'static>(a: A) -> std::result::Result<B, A> {
-    let mut slot = Some(a);
-    let any: &mut dyn Any = &mut slot;
-    match any.downcast_mut::<Option<B>>() {
-        Some(b) => Ok(b.take().expect("filled above")),
-        None => Err(slot.expect("not taken")),
-    }
-}
-
 bb_actuators::multiversion! {
     /// Bit `i` of `bits` (64 per word) set where `v[i] > 0`.
     fn positive_bits(v: &[f32], bits: &mut [u64]) {
@@ -428,88 +439,235 @@ bb_actuators::multiversion! {
     }
 }
 
-/// `act(y ⊙ s + b)` row by row for batch-major `y` `[B, O]` (per-column factor `s`, bias
-/// `b`, `act` the ReLU if `relu`), as one differentiable op on the CPU.
-///
-/// Forward and backward repeat, element by element, the operations of the dfdx ops it
-/// replaces: `t = y * s` (skipped without `s`), `z = t + b`, `max(z, 0)`; backward
-/// `dz = 0 + [z > 0] * g`, `db += dz` in row order, `dy = 0 + s * (0 + dz)` (or `0 + dz`).
-/// That makes it bit-identical to them, and the factor gets no gradient (it is not trained).
-/// Gives `y` back if its tape is neither an [`OwnedTape`] nor a [`NoneTape`].
-#[allow(clippy::type_complexity)]
-fn cpu_affine<T: 'static>(
-    y: Tensor<(usize, usize), f32, Cpu, T>,
-    scale: Option<&[f32]>,
-    b: &Tensor<(usize,), f32, Cpu>,
-    relu: bool,
-) -> std::result::Result<Tensor<(usize, usize), f32, Cpu, T>, Tensor<(usize, usize), f32, Cpu, T>> {
-    let (batch, o) = *y.shape();
-    let (y, tape) = y.split_tape();
-    let owned = match same_type::<T, OwnedTape<f32, Cpu>>(tape) {
-        Ok(t) => Some(t),
-        Err(t) => match same_type::<T, NoneTape>(t) {
-            Ok(_) => None,
-            Err(t) => return Err(y.put_tape(t)),
-        },
-    };
-    let y = y.contiguous();
-    let mut bias = vec![0f32; o];
-    b.copy_into(&mut bias);
-    let mut v = vec![0f32; batch * o];
-    y.copy_into(&mut v);
-    for row in v.chunks_exact_mut(o) {
-        match scale {
-            Some(s) => row
-                .iter_mut()
-                .zip(s)
-                .zip(&bias)
-                .for_each(|((z, &s), &b)| *z = *z * s + b),
-            None => row.iter_mut().zip(&bias).for_each(|(z, &b)| *z += b),
+/// The host parameters of an [`Mlp`], as its CPU step reads them.
+#[derive(Clone, Copy)]
+struct HostParams<'a> {
+    widths: &'a [usize],
+    w: &'a [Vec<f32>],
+    b: &'a [Vec<f32>],
+    scale: &'a [Option<Vec<f32>>],
+}
+
+/// `c = a b` (`accum` false) or `c += a b` (`accum` true) for an `[m, k]` matrix `a` and a
+/// `[k, n]` matrix `b` given by (row, column) strides, into `c` `[m, n]` (strides `cs`): the
+/// very call dfdx 0.13's CPU matmul makes (same crate, arguments and thread count), so the
+/// results are its results bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, k, n): (usize, usize, usize),
+    accum: bool,
+    a: &[f32],
+    as_: [usize; 2],
+    b: &[f32],
+    bs: [usize; 2],
+    c: &mut [f32],
+    cs: [usize; 2],
+) {
+    let last = |rows: usize, cols: usize, s: [usize; 2]| (rows - 1) * s[0] + (cols - 1) * s[1];
+    if m == 0 || n == 0 || k == 0 {
+        // dfdx's kernels are not called for empty products either way; keep `c` as it is
+        // (`accum`) or zero it
+        if !accum {
+            c.iter_mut().for_each(|v| *v = 0.0);
         }
-        if relu {
-            row.iter_mut().for_each(|z| *z = z.max(0.0));
-        }
+        return;
     }
-    // the ReLU's derivative: out > 0 exactly where z > 0
-    let active: Vec<u64> = if relu && owned.is_some() {
-        let mut bits = vec![0u64; v.len().div_ceil(64)];
-        positive_bits(&v, &mut bits);
-        bits
-    } else {
-        Vec::new()
-    };
-    let out = y.device().tensor_from_vec(v, (batch, o));
-    let Some(mut tape) = owned else {
-        return Ok(same_type(out).unwrap_or_else(|_| unreachable!()));
-    };
-    let (yg, bg, og) = (y.ghost(), b.ghost(), out.ghost());
-    let s = scale.map(<[f32]>::to_vec);
-    tape.add_backward_op(move |grads| {
-        let mut go = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-        if relu {
-            relu_backward(&mut go, &active);
-        }
-        let gb = grads.get_or_alloc_mut(&bg)?;
-        for row in go.chunks_exact(o) {
-            gb.iter_mut().zip(row).for_each(|(b, &g)| *b += g);
-        }
-        let gy = grads.get_or_alloc_mut(&yg)?;
-        match &s {
-            Some(s) => {
-                for (grow, row) in gy.chunks_exact_mut(o).zip(go.chunks_exact(o)) {
-                    grow.iter_mut()
-                        .zip(row)
-                        .zip(s)
-                        .for_each(|((d, &g), &s)| *d += s * (0.0 + g));
-                }
+    assert!(
+        last(m, k, as_) < a.len() && last(k, n, bs) < b.len() && last(m, n, cs) < c.len(),
+        "matmul: operand too short for its shape"
+    );
+    // SAFETY: every element the strides reach lies inside its slice (checked just above), `c`
+    // is borrowed mutably and so overlaps neither operand, and gemm reads and writes nothing
+    // else.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            cs[1] as isize,
+            cs[0] as isize,
+            accum,
+            a.as_ptr(),
+            as_[1] as isize,
+            as_[0] as isize,
+            b.as_ptr(),
+            bs[1] as isize,
+            bs[0] as isize,
+            if accum { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// The forward pass on the host parameters: the hidden activations (post-ReLU,
+/// batch-major), the ReLU's active bits of each hidden layer (if `bits`) and the logits.
+///
+/// Per layer the same float operations in the same order as the dfdx ops of [`Mlp::layer`]
+/// (the product as dfdx computes it, then `t = y * s` if there is a factor, `z = t + b`,
+/// `max(z, 0)`), so the values are bit-identical to them.
+fn host_forward(
+    p: HostParams<'_>,
+    x: &[f32],
+    batch: usize,
+    bits: bool,
+) -> (Vec<Vec<f32>>, Vec<Vec<u64>>, Vec<f32>) {
+    let n = p.w.len();
+    let mut hidden: Vec<Vec<f32>> = Vec::with_capacity(n - 1);
+    let mut active = Vec::with_capacity(if bits { n - 1 } else { 0 });
+    for l in 0..n {
+        let (i, o) = (p.widths[l], p.widths[l + 1]);
+        let input = if l == 0 { x } else { &hidden[l - 1] };
+        let mut v = vec![0f32; batch * o];
+        // x [B, i] (strides [i, 1]) times W^T [i, o] (W is [o, i]: strides [1, i])
+        matmul(
+            (batch, i, o),
+            false,
+            input,
+            [i, 1],
+            &p.w[l],
+            [1, i],
+            &mut v,
+            [o, 1],
+        );
+        let relu = l + 1 < n;
+        for row in v.chunks_exact_mut(o) {
+            match p.scale[l].as_deref() {
+                Some(s) => row
+                    .iter_mut()
+                    .zip(s)
+                    .zip(&p.b[l])
+                    .for_each(|((z, &s), &b)| *z = *z * s + b),
+                None => row.iter_mut().zip(&p.b[l]).for_each(|(z, &b)| *z += b),
             }
-            None => gy.iter_mut().zip(&go).for_each(|(d, &g)| *d += g),
+            if relu {
+                row.iter_mut().for_each(|z| *z = z.max(0.0));
+            }
         }
-        // the output's gradient goes back where it was
-        **grads.get_or_alloc_mut(&og)? = go;
-        Ok(())
-    });
-    Ok(same_type(out.put_tape(tape)).unwrap_or_else(|_| unreachable!()))
+        if !relu {
+            return (hidden, active, v);
+        }
+        if bits {
+            // the ReLU's derivative: out > 0 exactly where z > 0
+            let mut a = vec![0u64; v.len().div_ceil(64)];
+            positive_bits(&v, &mut a);
+            active.push(a);
+        }
+        hidden.push(v);
+    }
+    unreachable!("an MLP has at least one layer")
+}
+
+/// One training step on the host parameters: [`host_forward`], the loss and its gradient
+/// with respect to the logits by dfdx (as in the composed step), then the backward pass by
+/// hand. `observe` (if any) gets the hidden activations on another thread of the rayon pool
+/// while the backward pass runs.
+///
+/// The backward pass repeats, value by value, what dfdx's ops of [`Mlp::layer`] do: the
+/// ReLU's `0 + [z > 0] g`, the bias gradient summed row by row into zeros, the product's
+/// gradient `0 + s (0 + g)` (or `0 + g`) into zeros, and the matmul's two gradient products
+/// accumulated into zeroed buffers with dfdx's own calls. So loss and gradients are
+/// bit-identical to the composed step's, without the copy of every weight into a device
+/// tensor and without the gradient of the input batch, which dfdx computes and nobody reads.
+fn host_step(
+    p: HostParams<'_>,
+    dev: &Cpu,
+    x: &[f32],
+    onehot: Vec<f32>,
+    batch: usize,
+    keep_hidden: bool,
+    observe: Option<impl FnOnce(&[Vec<f32>]) -> Result<()> + Send>,
+) -> Result<StepOutput> {
+    let n = p.w.len();
+    let classes = p.widths[n];
+    let (hidden, active, logits) = host_forward(p, x, batch, true);
+    let leaf = dev.tensor_from_vec(logits, (batch, classes));
+    let target = dev.tensor_from_vec(onehot, (batch, classes));
+    let loss = contiguous_cross_entropy(leaf.clone().leaky_traced(), target);
+    let loss_value = to_host(&loss.retaped::<NoneTape>())[0];
+    let mut grads = loss.backward();
+    let mut g = take_grad(&mut grads, &leaf);
+    let backward = |mut g: Vec<f32>| {
+        let mut grad_w = vec![Vec::new(); n];
+        let mut grad_b = vec![Vec::new(); n];
+        for l in (0..n).rev() {
+            let (i, o) = (p.widths[l], p.widths[l + 1]);
+            if l + 1 < n {
+                relu_backward(&mut g, &active[l]);
+            }
+            let mut gb = vec![0f32; o];
+            for row in g.chunks_exact(o) {
+                gb.iter_mut().zip(row).for_each(|(b, &g)| *b += g);
+            }
+            let mut gy = vec![0f32; g.len()];
+            match p.scale[l].as_deref() {
+                Some(s) => {
+                    for (grow, row) in gy.chunks_exact_mut(o).zip(g.chunks_exact(o)) {
+                        grow.iter_mut()
+                            .zip(row)
+                            .zip(s)
+                            .for_each(|((d, &g), &s)| *d += s * (0.0 + g));
+                    }
+                }
+                None => gy.iter_mut().zip(&g).for_each(|(d, &g)| *d += g),
+            }
+            let input = if l == 0 { x } else { &hidden[l - 1] };
+            // dW^T [i, o] += x^T [i, B] gy [B, o], written into W's [o, i] layout
+            let mut gw = vec![0f32; o * i];
+            matmul(
+                (i, batch, o),
+                true,
+                input,
+                [1, i],
+                &gy,
+                [o, 1],
+                &mut gw,
+                [1, i],
+            );
+            if l > 0 {
+                // dx [B, i] += gy [B, o] W [o, i]
+                let mut gx = vec![0f32; batch * i];
+                matmul(
+                    (batch, o, i),
+                    true,
+                    &gy,
+                    [o, 1],
+                    &p.w[l],
+                    [i, 1],
+                    &mut gx,
+                    [i, 1],
+                );
+                g = gx;
+            }
+            grad_w[l] = gw;
+            grad_b[l] = gb;
+        }
+        (grad_w, grad_b)
+    };
+    let ((grad_w, grad_b), observed) = match observe {
+        None => (backward(std::mem::take(&mut g)), Ok(())),
+        Some(f) => {
+            let mut observed = Ok(());
+            let slot = &mut observed;
+            let hidden = &hidden;
+            let out = rayon::in_place_scope(|s| {
+                s.spawn(move |_| *slot = f(hidden));
+                backward(std::mem::take(&mut g))
+            });
+            (out, observed)
+        }
+    };
+    observed?;
+    Ok(StepOutput {
+        loss: loss_value,
+        hidden: if keep_hidden { hidden } else { Vec::new() },
+        grad_w,
+        grad_b,
+    })
 }
 
 /// A tensor's values in logical (row-major) order: one copy of the physical buffer (made
