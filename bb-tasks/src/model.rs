@@ -727,24 +727,27 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
-    /// The fused CPU kernel and the dfdx composition give the same bits: loss, activations,
-    /// logits and every gradient, with and without SP-in factors. The wider layers hold many
-    /// words of ReLU bits and a partial last one.
+    /// The host step and forward pass on the CPU and the dfdx ops give the same bits: loss,
+    /// activations, logits and every gradient, with and without SP-in factors, for one, two
+    /// and three layers. The wider layers hold many words of ReLU bits and a partial last one.
     #[test]
-    fn fused_cpu_layer_is_bit_identical_to_the_dfdx_ops() {
+    fn cpu_host_step_is_bit_identical_to_the_dfdx_ops() {
         let dev = Cpu::default();
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for (case, batch, widths) in [
-            (0, 5, [7, 9, 6, 3]),
-            (1, 1, [7, 9, 6, 3]),
-            (2, 13, [7, 9, 6, 3]),
-            (3, 11, [7, 70, 45, 3]),
+            (0, 5, vec![7, 9, 6, 3]),
+            (1, 1, vec![7, 9, 6, 3]),
+            (2, 13, vec![7, 9, 6, 3]),
+            (3, 11, vec![7, 70, 45, 3]),
+            (4, 6, vec![7, 3]),
+            (5, 4, vec![7, 16, 3]),
         ] {
+            let n = widths.len() - 1;
             let mut models: Vec<Mlp<Cpu>> = (0..2)
                 .map(|_| Mlp::new(&dev, &widths, case).unwrap())
                 .collect();
             models[1].fused = false;
-            let scales: Vec<Option<Vec<f32>>> = (0..3)
+            let scales: Vec<Option<Vec<f32>>> = (0..n)
                 .map(|l| {
                     (case + l as u64 % 2 > 0).then(|| {
                         (0..widths[l + 1])
@@ -763,7 +766,8 @@ mod tests {
             let y: Vec<usize> = (0..batch).map(|i| i % 3).collect();
             let [a, b] = [&models[0], &models[1]].map(|m| m.train_step(&x, &y, batch).unwrap());
             assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "case {case}");
-            for l in 0..3 {
+            assert_eq!((a.hidden.len(), b.hidden.len()), (n - 1, n - 1));
+            for l in 0..n {
                 assert_eq!(bits(&a.grad_w[l]), bits(&b.grad_w[l]), "case {case} w{l}");
                 assert_eq!(bits(&a.grad_b[l]), bits(&b.grad_b[l]), "case {case} b{l}");
                 assert!(a.grad_w[l].iter().any(|&g| g != 0.0));
@@ -774,6 +778,7 @@ mod tests {
             }
             let [ea, eb] = [&models[0], &models[1]].map(|m| m.forward(&x, batch).unwrap());
             assert_eq!(bits(&ea.logits), bits(&eb.logits), "case {case}");
+            assert_eq!((ea.hidden.len(), eb.hidden.len()), (n - 1, n - 1));
             for (ha, hb) in ea.hidden.iter().zip(&eb.hidden) {
                 assert_eq!(bits(ha), bits(hb));
             }
