@@ -61,7 +61,7 @@ pub struct Mlp<D: Device<f32>> {
     host_scale: Vec<Option<Vec<f32>>>,
     /// On the CPU, run the forward and training passes on the host parameters (off only in
     /// tests that compare them with the dfdx ops).
-    fused: bool,
+    on_host: bool,
 }
 
 /// Name of layer `l` (0-based): `fc1`, `fc2`, ...
@@ -131,7 +131,7 @@ impl<D: Device<f32>> Mlp<D> {
             host_w,
             host_b,
             host_scale: vec![None; n],
-            fused: true,
+            on_host: true,
         })
     }
 
@@ -266,7 +266,7 @@ impl<D: Device<f32>> Mlp<D> {
 
     /// The CPU device, when the step runs on the host parameters (see [`host_forward`]).
     fn host_cpu(&self) -> Option<&Cpu> {
-        if !self.fused {
+        if !self.on_host {
             return None;
         }
         let dev: &dyn Any = &self.dev;
@@ -463,15 +463,9 @@ fn matmul(
     c: &mut [f32],
     cs: [usize; 2],
 ) {
+    // batches and widths are never empty (checked where they are made)
+    assert!(m > 0 && k > 0 && n > 0, "matmul: empty product");
     let last = |rows: usize, cols: usize, s: [usize; 2]| (rows - 1) * s[0] + (cols - 1) * s[1];
-    if m == 0 || n == 0 || k == 0 {
-        // dfdx's kernels are not called for empty products either way; keep `c` as it is
-        // (`accum`) or zero it
-        if !accum {
-            c.iter_mut().for_each(|v| *v = 0.0);
-        }
-        return;
-    }
     assert!(
         last(m, k, as_) < a.len() && last(k, n, bs) < b.len() && last(m, n, cs) < c.len(),
         "matmul: operand too short for its shape"
@@ -746,7 +740,7 @@ mod tests {
             let mut models: Vec<Mlp<Cpu>> = (0..2)
                 .map(|_| Mlp::new(&dev, &widths, case).unwrap())
                 .collect();
-            models[1].fused = false;
+            models[1].on_host = false;
             let scales: Vec<Option<Vec<f32>>> = (0..n)
                 .map(|l| {
                     (case + l as u64 % 2 > 0).then(|| {
