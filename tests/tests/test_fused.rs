@@ -462,3 +462,36 @@ fn column_caches_change_nothing() {
     }
     assert!(born > 0, "dead edges came back");
 }
+
+/// A wide SP-out layer (2500 columns, few rows): refreshes that keep their brackets give the
+/// same masks, weights and shadow as refreshes from scratch, with and without regrowth, while
+/// weights drift and targets change.
+#[test]
+fn wide_column_layers_keep_brackets_exactly() {
+    for regrow in [true, false] {
+        let mut r = rng(321 + u64::from(regrow));
+        // 40 words per row, the last one partial; more than 2^15 edges (several workers).
+        let l = layer(&mut r, 40, 2500, &[], 0);
+        let mut pair = KeptAndFresh::new(&l);
+        let mut targets = Vec::new();
+        for step in 0..10 {
+            if step % 4 == 0 {
+                targets = (0..2500).map(|_| r.gen_range(12..30)).collect();
+            }
+            pair.drift(|| {
+                if r.gen_bool(0.01) {
+                    r.gen_range(0.5f32..2.0)
+                } else {
+                    r.gen_range(0.998f32..1.002)
+                }
+            });
+            pair.refresh(
+                Side::Columns,
+                &targets,
+                regrow,
+                &format!("regrow {regrow} step {step}"),
+            );
+        }
+        assert!(pair.hints.iter().any(|&x| x != 0), "hints were kept");
+    }
+}
