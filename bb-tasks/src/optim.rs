@@ -407,6 +407,61 @@ impl AdamStep {
             *p = f32::from_bits(p.to_bits() & k);
         }
     }
+
+    /// [`Self::apply_lanes`] on one whole mask word (64 values), in four 512-bit vectors whose
+    /// lane masks are the word's 16-bit quarters. The same IEEE operations in the same order
+    /// as [`Self::one`] (separate multiplies and adds, exact square root and division), so the
+    /// same bits; written out because the compiler's version of the lane loop costs about a
+    /// tenth more than the unmasked update.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every slice must hold at least 64 values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn apply_word_avx512(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &mut [f32],
+        word: u64,
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(p.len() >= 64 && m.len() >= 64 && v.len() >= 64 && g.len() >= 64);
+        let k = *self;
+        let (b1, b2) = (_mm512_set1_ps(k.beta1), _mm512_set1_ps(k.beta2));
+        let (ob1, ob2) = (
+            _mm512_set1_ps(k.one_minus_beta1),
+            _mm512_set1_ps(k.one_minus_beta2),
+        );
+        let (wd, step) = (_mm512_set1_ps(k.weight_decay), _mm512_set1_ps(k.step_size));
+        let (c, eps) = (_mm512_set1_ps(k.inv_sqrt_bc2), _mm512_set1_ps(k.eps));
+        for q in 0..4 {
+            let live = (word >> (16 * q)) as u16;
+            // SAFETY: the 16 values at 16 * q lie inside each slice (the caller's contract).
+            unsafe {
+                let (pp, mp) = (p.as_mut_ptr().add(16 * q), m.as_mut_ptr().add(16 * q));
+                let (vp, gp) = (v.as_mut_ptr().add(16 * q), g.as_mut_ptr().add(16 * q));
+                let gq = _mm512_maskz_loadu_ps(live, gp);
+                let pq = _mm512_loadu_ps(pp);
+                let gj = _mm512_add_ps(gq, _mm512_mul_ps(wd, pq));
+                let mq = _mm512_add_ps(
+                    _mm512_mul_ps(b1, _mm512_loadu_ps(mp)),
+                    _mm512_mul_ps(ob1, gj),
+                );
+                let vq = _mm512_add_ps(
+                    _mm512_mul_ps(b2, _mm512_loadu_ps(vp)),
+                    _mm512_mul_ps(_mm512_mul_ps(ob2, gj), gj),
+                );
+                let d = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vq), c), eps);
+                let pn = _mm512_sub_ps(pq, _mm512_div_ps(_mm512_mul_ps(step, mq), d));
+                _mm512_storeu_ps(gp, gq);
+                _mm512_storeu_ps(mp, mq);
+                _mm512_storeu_ps(vp, vq);
+                _mm512_storeu_ps(pp, _mm512_maskz_mov_ps(live, pn));
+            }
+        }
+    }
 }
 
 /// The constants of one SGD step.
@@ -479,6 +534,7 @@ impl Rule {
     /// the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask is
     /// computed from its bit in the vector loop).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn lanes(
         &self,
         range: Range<usize>,
@@ -487,8 +543,24 @@ impl Rule {
         b: &mut [f32],
         g: &mut [f32],
         word: u64,
+        avx512: bool,
     ) {
         let (start, n) = (range.start, range.len());
+        #[cfg(target_arch = "x86_64")]
+        if let (Rule::Adam(k), 64, true) = (self, n, avx512) {
+            let r = start..start + 64;
+            // SAFETY: `avx512` says the CPU has AVX-512F; each range holds 64 values.
+            return unsafe {
+                k.apply_word_avx512(
+                    &mut p[r.clone()],
+                    &mut a[r.clone()],
+                    &mut b[r.clone()],
+                    &mut g[r],
+                    word,
+                )
+            };
+        }
+        let _ = avx512;
         for h in 0..n.div_ceil(32) {
             let r = start + 32 * h..start + (32 * h + 32).min(n);
             let bits = (word >> (32 * h)) as u32;
@@ -521,8 +593,9 @@ fn masked_update(
 ) {
     let cols = mask.map_or(1, |m| m.cols().max(1));
     let rows_per_task = (PAR_CHUNK / cols).max(1);
+    let avx512 = has_avx512f();
     if p.len() <= rows_per_task * cols {
-        return masked_rows(rule, mask, 0, p, a, b, g);
+        return masked_rows(rule, mask, 0, p, a, b, g, avx512);
     }
     let len = rows_per_task * cols;
     let mut tasks = Vec::with_capacity(p.len().div_ceil(len));
@@ -544,12 +617,26 @@ fn masked_update(
     }
     tasks
         .into_par_iter()
-        .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g));
+        .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g, avx512));
+}
+
+/// Whether the CPU has AVX-512F (for [`AdamStep::apply_word_avx512`]).
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 bb_actuators::multiversion! {
     /// The masked update of whole rows `row0..` held in `p` (and the matching state): runs of
-    /// mask words with every value live take the plain loop, the other words the lane loop.
+    /// mask words with every value live take the plain loop, the other words the lane loop
+    /// (Adam's whole words the AVX-512 one if `avx512`, which says the CPU has it).
+    #[allow(clippy::too_many_arguments)]
     fn masked_rows(
         rule: &Rule,
         mask: Option<&BitMask>,
@@ -558,6 +645,7 @@ bb_actuators::multiversion! {
         a: &mut [f32],
         b: &mut [f32],
         g: &mut [f32],
+        avx512: bool,
     ) {
         let Some(mask) = mask else {
             return rule.plain(0..p.len(), p, a, b, g);
@@ -579,7 +667,7 @@ bb_actuators::multiversion! {
                 if run < lo {
                     rule.plain(run..lo, p, a, b, g);
                 }
-                rule.lanes(lo..lo + n, p, a, b, g, w);
+                rule.lanes(lo..lo + n, p, a, b, g, w, avx512);
                 run = lo + n;
             }
         }
