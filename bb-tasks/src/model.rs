@@ -776,6 +776,30 @@ mod tests {
             for (ha, hb) in ea.hidden.iter().zip(&eb.hidden) {
                 assert_eq!(bits(ha), bits(hb));
             }
+            // Host edits (as the pruner makes them) reach both: the host passes read them,
+            // the dfdx ops after `sync_to_device`.
+            for m in &mut models {
+                let (hw, hb) = m.host_params_mut();
+                hw[0].iter_mut().step_by(3).for_each(|w| *w = 0.0);
+                hb[n - 1].iter_mut().for_each(|b| *b += 0.5);
+                m.sync_to_device();
+            }
+            let [fa, fb] = [&models[0], &models[1]].map(|m| m.forward(&x, batch).unwrap());
+            assert_eq!(bits(&fa.logits), bits(&fb.logits), "case {case}, edited");
+            assert_ne!(
+                bits(&fa.logits),
+                bits(&ea.logits),
+                "case {case}: the edits count"
+            );
+            let [a, b] = [&models[0], &models[1]].map(|m| m.train_step(&x, &y, batch).unwrap());
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "case {case}, edited");
+            for l in 0..n {
+                assert_eq!(
+                    bits(&a.grad_w[l]),
+                    bits(&b.grad_w[l]),
+                    "case {case} w{l}, edited"
+                );
+            }
         }
     }
 }
