@@ -198,46 +198,59 @@ crate::multiversion! {
 
 /// Column sums of a row-major bit matrix from word column `w0` on: adds bit `b` of every
 /// row's word `wi` to `out[(wi - w0) * 64 + b]`, for as many word columns as `out` covers.
-/// On CPUs with AVX-512, four word columns at a time go down the rows with their 256
-/// counters in registers, each word's 16-bit quarters the lane masks of four of them;
-/// elsewhere (and for the last word columns) [`col_counts_lanes`].
-fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
+/// On CPUs with AVX-512 (F and BW), eight word columns at a time go down the rows, each word
+/// the lane mask of one byte increment of 64 counters held in a register (widened into `out`
+/// every 255 rows); elsewhere (and for the last word columns) [`col_counts_lanes`].
+pub(crate) fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        let groups = out.len().min(cols - w0 * 64) / 256;
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        unsafe { col_counts_avx512(bits, wpr, w0, &mut out[..groups * 256]) };
-        let done = groups * 256;
-        col_counts_lanes(bits, wpr, w0 + groups * 4, cols, &mut out[done..]);
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        let groups = out.len().min(cols - w0 * 64) / 512;
+        // SAFETY: the CPU has AVX-512F and BW (checked just above).
+        unsafe { col_counts_avx512(bits, wpr, w0, &mut out[..groups * 512]) };
+        let done = groups * 512;
+        col_counts_lanes(bits, wpr, w0 + groups * 8, cols, &mut out[done..]);
         return;
     }
     col_counts_lanes(bits, wpr, w0, cols, out)
 }
 
-/// [`col_counts`] for whole groups of four word columns (`out.len()` a multiple of 256).
+/// [`col_counts`] for whole groups of eight word columns (`out.len()` a multiple of 512).
 ///
 /// # Safety
-/// The CPU must support AVX-512F.
+/// The CPU must support AVX-512F and AVX-512BW.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn col_counts_avx512(bits: &[u64], wpr: usize, w0: usize, out: &mut [u32]) {
     use std::arch::x86_64::*;
-    let one = _mm512_set1_epi32(1);
-    for (g, o) in out.chunks_exact_mut(256).enumerate() {
-        let wi = w0 + 4 * g;
-        let mut acc = [_mm512_setzero_si512(); 16];
-        for row in bits.chunks_exact(wpr) {
-            let words: [u64; 4] = row[wi..wi + 4].try_into().expect("four words");
-            for (j, &w) in words.iter().enumerate() {
-                for q in 0..4 {
-                    let a = &mut acc[4 * j + q];
-                    *a = _mm512_mask_add_epi32(*a, (w >> (16 * q)) as u16, *a, one);
+    let minus_one = _mm512_set1_epi8(-1);
+    for (g, o) in out.chunks_exact_mut(512).enumerate() {
+        let wi = w0 + 8 * g;
+        o.fill(0);
+        // Byte counters overflow past 255 rows: blocks of 255, widened into `o` after each.
+        for block in bits.chunks(255 * wpr) {
+            let mut acc = [_mm512_setzero_si512(); 8];
+            for row in block.chunks_exact(wpr) {
+                let words: &[u64; 8] = row[wi..wi + 8].try_into().expect("eight words");
+                for (a, &w) in acc.iter_mut().zip(words) {
+                    *a = _mm512_mask_sub_epi8(*a, w, *a, minus_one);
                 }
             }
-        }
-        for (a, d) in acc.iter().zip(o.chunks_exact_mut(16)) {
-            // SAFETY: `d` holds 16 values.
-            unsafe { _mm512_storeu_epi32(d.as_mut_ptr().cast(), *a) };
+            for (a, d) in acc.iter().zip(o.chunks_exact_mut(64)) {
+                let quarters = [
+                    _mm512_extracti32x4_epi32::<0>(*a),
+                    _mm512_extracti32x4_epi32::<1>(*a),
+                    _mm512_extracti32x4_epi32::<2>(*a),
+                    _mm512_extracti32x4_epi32::<3>(*a),
+                ];
+                for (q, d) in quarters.iter().zip(d.chunks_exact_mut(16)) {
+                    // SAFETY: `d` holds 16 values.
+                    unsafe {
+                        let p = d.as_mut_ptr().cast();
+                        let sum = _mm512_add_epi32(_mm512_loadu_epi32(p), _mm512_cvtepu8_epi32(*q));
+                        _mm512_storeu_epi32(p, sum);
+                    }
+                }
+            }
         }
     }
 }

@@ -417,8 +417,9 @@ fn long_slabs_without_regrow_keep_the_strongest_live_edges() {
 #[test]
 fn row_and_column_counts_match_naive_counts() {
     let mut r = rng(33);
-    // (300, 520) counts two groups of four word columns and a partial word on one thread;
-    // the last shape is large enough for the column counts to be split over the pool.
+    // (300, 520) counts a group of eight word columns (over more than 255 rows) and a partial
+    // word on one thread; the last shape is large enough for the column counts to be split
+    // over the pool.
     for (rows, cols) in [
         (1, 1),
         (3, 64),
