@@ -147,6 +147,51 @@ fn matched_degrees_distributes_by_largest_remainder() {
     assert!(matched_degrees(&[0.0; 3], &[1; 3], &[2; 3], 7).is_err());
 }
 
+/// Matched degrees of many units (beyond the solver's eight running sums, and not a
+/// multiple of eight), some held at their caps: each degree lies within one edge of the
+/// real-valued solution `clamp(d0 + offset, lo, hi)`, with `d0` found here by a plain
+/// bisection, and the degrees add up to the budget.
+#[test]
+fn matched_degrees_of_many_units_follow_the_real_solution() {
+    let mut r = rng(41);
+    for units in [9usize, 37, 1000, 4099] {
+        let offsets: Vec<f64> = (0..units).map(|_| r.gen_range(-30.0..30.0)).collect();
+        let lo: Vec<u32> = (0..units).map(|_| r.gen_range(1..4)).collect();
+        let hi: Vec<u32> = (0..units).map(|_| r.gen_range(40..60)).collect();
+        for n in [units * 5, units * 30, units * 45] {
+            let k = matched_degrees(&offsets, &lo, &hi, n).unwrap();
+            let x = |d0: f64, j: usize| (d0 + offsets[j]).clamp(lo[j] as f64, hi[j] as f64);
+            let total = |d0: f64| (0..units).map(|j| x(d0, j)).sum::<f64>();
+            let (mut a, mut b) = (-200.0f64, 200.0f64);
+            for _ in 0..200 {
+                let m = 0.5 * (a + b);
+                if total(m) < n as f64 {
+                    a = m;
+                } else {
+                    b = m;
+                }
+            }
+            assert_eq!(
+                k.iter().map(|&v| v as usize).sum::<usize>(),
+                n,
+                "{units} units"
+            );
+            let capped = (0..units)
+                .filter(|&j| k[j] == lo[j] || k[j] == hi[j])
+                .count();
+            assert!(capped > 0 || n == units * 30, "some units at their caps");
+            for j in 0..units {
+                let want = x(b, j);
+                assert!(
+                    (f64::from(k[j]) - want).abs() < 1.0 + 1e-9,
+                    "{units} units, budget {n}: unit {j} has {} for {want}",
+                    k[j]
+                );
+            }
+        }
+    }
+}
+
 fn naive_mask_top(scores: &[f32], cand: impl Fn(usize) -> bool, n: usize) -> Vec<bool> {
     let c: Vec<usize> = (0..scores.len()).filter(|&e| cand(e)).collect();
     let s: Vec<f32> = c.iter().map(|&e| scores[e]).collect();

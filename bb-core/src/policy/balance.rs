@@ -190,7 +190,24 @@ pub fn matched_degrees(
         ));
     }
     let x_of = |d0: f64, j: usize| (d0 + offsets[j]).clamp(lo[j] as f64, hi[j] as f64);
-    let total = |d0: f64| (0..offsets.len()).map(|j| x_of(d0, j)).sum::<f64>();
+    // Eight running sums rather than one: a chain of dependent additions over every unit, for
+    // each of the bisection's steps, would take most of a refresh of a wide layer.
+    let total = |d0: f64| {
+        let mut acc = [0.0f64; 8];
+        let whole = offsets.len() / 8 * 8;
+        for ((o, l), h) in offsets[..whole]
+            .chunks_exact(8)
+            .zip(lo[..whole].chunks_exact(8))
+            .zip(hi[..whole].chunks_exact(8))
+        {
+            for i in 0..8 {
+                // `clamp` without its check (`lo <= hi` holds for every unit), which vectorizes.
+                acc[i] += (d0 + o[i]).max(l[i] as f64).min(h[i] as f64);
+            }
+        }
+        let rest = (whole..offsets.len()).map(|j| x_of(d0, j)).sum::<f64>();
+        acc.iter().sum::<f64>() + rest
+    };
     let (mut a, mut b) = (f64::INFINITY, f64::NEG_INFINITY);
     for j in 0..offsets.len() {
         a = a.min(lo[j] as f64 - offsets[j] - 1.0);
