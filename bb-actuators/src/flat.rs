@@ -49,20 +49,19 @@ trait Kernels {
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
     /// Which of the word's edges have score bits `>= lo`.
     fn at_least(bits: &[u32], lo: u32) -> u64;
-    /// Columns: scores one word of row `r` into `bits`, adds each column's "bits >= lo[j]"
-    /// and "bits >= hi[j]" to its counters, and returns whether a scored value is
-    /// non-finite, which columns lie in their `lo[j]..hi[j]` and which reach their `hi[j]`.
-    #[allow(clippy::too_many_arguments)]
-    fn count_columns(
-        word: u64,
-        w: &[f32],
-        h: &[f32],
+    /// Columns: scores the same word of `N` rows (mask words `words`, values `w`/`h`) into
+    /// `bits` and returns for each row whether a scored value is non-finite, which columns
+    /// lie in their `lo[j]..hi[j]` and which reach their `hi[j]`. Several rows at once
+    /// share the loads of the columns' bracket ends.
+    fn count_columns<const N: usize>(
+        words: [u64; N],
+        w: [&[f32]; N],
+        h: [&[f32]; N],
         regrow: bool,
         lo: &[u32],
         hi: &[u32],
-        counts: (&mut [u32], &mut [u32]),
-        bits: &mut [u32; 64],
-    ) -> (bool, u64, u64);
+        bits: &mut [[u32; 64]; N],
+    ) -> [(bool, u64, u64); N];
     /// Columns: the new mask word of row `r`, each column `j` against its own threshold
     /// (score bits `ts[j]`, row `ti[j]`), for the columns in `need` (the others' bits are
     /// unspecified, and their values need not be read).
@@ -103,6 +102,42 @@ fn lane(live: u32, cand: u32, x: f32, y: f32) -> (u32, bool) {
         v & 0x7fff_ffff & cand,
         (v & 0x7f80_0000 == 0x7f80_0000) & (cand != 0),
     )
+}
+
+/// [`Kernels::count_columns`] for one row, in plain loops.
+#[inline(always)]
+fn count_row(
+    word: u64,
+    w: &[f32],
+    h: &[f32],
+    regrow: bool,
+    lo: &[u32],
+    hi: &[u32],
+    bits: &mut [u32; 64],
+) -> (bool, u64, u64) {
+    let all = u32::from(regrow).wrapping_neg();
+    let h = if regrow { h } else { w };
+    let (mut bad, mut inr, mut high) = (0u32, 0u64, 0u64);
+    for (half, range) in [(0, 0..32), (1, 32..64)] {
+        let end = range.end.min(w.len());
+        if range.start >= end {
+            break;
+        }
+        let live32 = (word >> (32 * half)) as u32;
+        let (mut m, mut g) = (0u32, 0u32);
+        for (b, c) in (range.start..end).enumerate() {
+            let live = ((live32 >> b) & 1).wrapping_neg();
+            let (s, nf) = lane(live, live | all, w[c], h[c]);
+            bad |= u32::from(nf);
+            bits[c] = s;
+            let (a, z) = (s >= lo[c], s >= hi[c]);
+            m |= u32::from(a & !z) << b;
+            g |= u32::from(z) << b;
+        }
+        inr |= u64::from(m) << (32 * half);
+        high |= u64::from(g) << (32 * half);
+    }
+    (bad != 0, inr, high)
 }
 
 /// Plain loops, vectorized by the compiler for whatever the build targets.
@@ -183,44 +218,17 @@ impl Kernels for Portable {
     }
 
     #[inline(always)]
-    fn count_columns(
-        word: u64,
-        w: &[f32],
-        h: &[f32],
+    fn count_columns<const N: usize>(
+        words: [u64; N],
+        w: [&[f32]; N],
+        h: [&[f32]; N],
         regrow: bool,
         lo: &[u32],
         hi: &[u32],
-        counts: (&mut [u32], &mut [u32]),
-        bits: &mut [u32; 64],
-    ) -> (bool, u64, u64) {
-        let all = u32::from(regrow).wrapping_neg();
-        let h = if regrow { h } else { w };
-        let (cl, ch) = counts;
-        let (mut bad, mut inr, mut high) = (0u32, 0u64, 0u64);
-        for (half, range) in [(0, 0..32), (1, 32..64)] {
-            let end = range.end.min(w.len());
-            if range.start >= end {
-                break;
-            }
-            let live32 = (word >> (32 * half)) as u32;
-            let (mut m, mut g) = (0u32, 0u32);
-            for (b, c) in (range.start..end).enumerate() {
-                let live = ((live32 >> b) & 1).wrapping_neg();
-                let (s, nf) = lane(live, live | all, w[c], h[c]);
-                bad |= u32::from(nf);
-                bits[c] = s;
-                let (a, z) = (s >= lo[c], s >= hi[c]);
-                cl[c] += u32::from(a);
-                ch[c] += u32::from(z);
-                m |= u32::from(a & !z) << b;
-                g |= u32::from(z) << b;
-            }
-            inr |= u64::from(m) << (32 * half);
-            high |= u64::from(g) << (32 * half);
-        }
-        (bad != 0, inr, high)
+        bits: &mut [[u32; 64]; N],
+    ) -> [(bool, u64, u64); N] {
+        std::array::from_fn(|n| count_row(words[n], w[n], h[n], regrow, lo, hi, &mut bits[n]))
     }
-
     #[inline(always)]
     fn select_columns(
         word: u64,
@@ -393,63 +401,55 @@ impl Kernels for Avx512 {
     }
 
     #[inline(always)]
-    fn count_columns(
-        word: u64,
-        w: &[f32],
-        h: &[f32],
+    fn count_columns<const N: usize>(
+        words: [u64; N],
+        w: [&[f32]; N],
+        h: [&[f32]; N],
         regrow: bool,
         lo: &[u32],
         hi: &[u32],
-        counts: (&mut [u32], &mut [u32]),
-        bits: &mut [u32; 64],
-    ) -> (bool, u64, u64) {
+        bits: &mut [[u32; 64]; N],
+    ) -> [(bool, u64, u64); N] {
         use std::arch::x86_64::*;
-        let (cl, ch) = counts;
-        if [w.len(), h.len(), lo.len(), hi.len(), cl.len(), ch.len()]
-            .iter()
-            .any(|&n| n < 64)
-        {
-            return Portable::count_columns(word, w, h, regrow, lo, hi, (cl, ch), bits);
+        if lo.len().min(hi.len()) < 64 || w.iter().chain(&h).any(|x| x.len() < 64) {
+            return Portable::count_columns(words, w, h, regrow, lo, hi, bits);
         }
-        let cand = if regrow { u64::MAX } else { word };
-        let mut bad = 0u16;
-        let (mut above, mut high) = ([0u16; 4], [0u16; 4]);
+        let mut bad = [0u16; N];
+        let (mut above, mut high) = ([[0u16; 4]; N], [[0u16; 4]; N]);
         // SAFETY: every slice holds at least 64 values (checked above); AVX-512F and BW are
         // the caller's contract.
         unsafe {
             let exp = _mm512_set1_epi32(0x7f80_0000);
             let abs = _mm512_set1_epi32(0x7fff_ffff);
-            let one = _mm512_set1_epi32(1);
             for q in 0..4 {
                 let at = 16 * q;
-                let live = (word >> at) as u16;
-                prefetch_ahead(w, h, regrow, at);
-                let v = if regrow {
-                    let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
-                    let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
-                    _mm512_mask_blend_epi32(live, y, x)
-                } else {
-                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
-                };
-                bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
-                let sv = _mm512_maskz_and_epi32((cand >> at) as u16, v, abs);
-                _mm512_storeu_epi32(bits.as_mut_ptr().add(at).cast(), sv);
-                let a = _mm512_cmpge_epu32_mask(sv, _mm512_loadu_epi32(lo.as_ptr().add(at).cast()));
-                let z = _mm512_cmpge_epu32_mask(sv, _mm512_loadu_epi32(hi.as_ptr().add(at).cast()));
-                let pl = cl.as_mut_ptr().add(at).cast();
-                _mm512_storeu_epi32(
-                    pl,
-                    _mm512_mask_add_epi32(_mm512_loadu_epi32(pl), a, _mm512_loadu_epi32(pl), one),
-                );
-                let ph = ch.as_mut_ptr().add(at).cast();
-                _mm512_storeu_epi32(
-                    ph,
-                    _mm512_mask_add_epi32(_mm512_loadu_epi32(ph), z, _mm512_loadu_epi32(ph), one),
-                );
-                (above[q], high[q]) = (a, z);
+                let l = _mm512_loadu_epi32(lo.as_ptr().add(at).cast());
+                let u = _mm512_loadu_epi32(hi.as_ptr().add(at).cast());
+                for n in 0..N {
+                    let (w, h) = (w[n], h[n]);
+                    let live = (words[n] >> at) as u16;
+                    let cand = if regrow { u16::MAX } else { live };
+                    prefetch_ahead(w, h, regrow, at);
+                    let v = if regrow {
+                        let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+                        let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+                        _mm512_mask_blend_epi32(live, y, x)
+                    } else {
+                        _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
+                    };
+                    bad[n] |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
+                    let sv = _mm512_maskz_and_epi32(cand, v, abs);
+                    _mm512_storeu_epi32(bits[n].as_mut_ptr().add(at).cast(), sv);
+                    above[n][q] = _mm512_cmpge_epu32_mask(sv, l);
+                    high[n][q] = _mm512_cmpge_epu32_mask(sv, u);
+                }
             }
-            let (a, z) = (join(above), join(high));
-            (bad != 0, a & !z, z)
+            let mut out = [(false, 0, 0); N];
+            for (n, o) in out.iter_mut().enumerate() {
+                let (a, z) = (join(above[n]), join(high[n]));
+                *o = (bad[n] != 0, a & !z, z);
+            }
+            out
         }
     }
 
@@ -769,6 +769,28 @@ fn fingerprint(words: &[u64]) -> u64 {
     })
 }
 
+/// A fingerprint of a whole mask, for SP-out's dead-key caches: the [`fingerprint`]s of
+/// its runs of 16384 words, each mixed with its place, joined by exclusive or (so that the
+/// runs can be taken by any number of workers, in any grouping, with the same result).
+fn mask_fingerprint(words: &[u64]) -> u64 {
+    const RUN: usize = 1 << 14;
+    let part = |(i, run): (usize, &[u64])| {
+        (fingerprint(run) ^ i as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29)
+    };
+    let joined = if words.len() <= RUN {
+        part((0, words))
+    } else {
+        words
+            .par_chunks(RUN)
+            .enumerate()
+            .map(part)
+            .reduce(|| 0, |a, b| a ^ b)
+    };
+    joined ^ words.len() as u64
+}
+
 /// After a row's refresh to threshold `thr` (mask words `mw` already new): its new bracket,
 /// and its dead-key cache rebuilt. `bits` are the row's score bits as scored: all edges,
 /// or (`from_cache = Some((born, died))`, whether any edge of the row came back or died)
@@ -954,8 +976,9 @@ mod tests {
         let wpr = cols.div_ceil(64);
         let words = vec![u64::MAX; rows * wpr];
         let mut w = vec![0.25f32; rows * cols];
-        // Row 5 in the first word, row 3 in the last, row 17 in the first.
-        for (r, c) in [(5, 10), (3, 150), (17, 0)] {
+        // Row 5 in the first word, row 4 (scored together with row 5) in the last, row 17
+        // in the first.
+        for (r, c) in [(5, 10), (4, 150), (17, 0)] {
             w[r * cols + c] = f32::NAN;
         }
         let h = vec![0.5f32; rows * cols];
@@ -974,9 +997,9 @@ mod tests {
             count_columns_rows::<Portable>(cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs);
             cs.bad
         };
-        assert_eq!(run(false), Some(7 + 3));
+        assert_eq!(run(false), Some(7 + 4));
         if has_avx512() {
-            assert_eq!(run(true), Some(7 + 3));
+            assert_eq!(run(true), Some(7 + 4));
         }
     }
 
@@ -1049,7 +1072,7 @@ mod tests {
             };
             let lists: Vec<Vec<u64>> = (0..cols)
                 .map(|c| {
-                    let l = (cs.counts[2 * cols + c] as usize).min(LIST_CAP);
+                    let l = (cs.counts[cols + c] as usize).min(LIST_CAP);
                     cs.lists[c * LIST_CAP..c * LIST_CAP + l].to_vec()
                 })
                 .collect();
@@ -1110,8 +1133,8 @@ const LIST_CAP: usize = 96;
 /// One worker's buffers for [`column_brackets`].
 #[derive(Debug, Default, Clone)]
 pub(crate) struct ColumnScratch {
-    /// Per column, over the worker's rows: how many score bits reach the bracket's low
-    /// end, how many reach its high end, and how many lie inside (all `cols` long).
+    /// Per column, over the worker's rows: how many score bits reach the bracket's high
+    /// end, then how many lie inside it (both `cols` long).
     counts: Vec<u32>,
     /// Per column, the first [`LIST_CAP`] keys inside its bracket, in row order.
     lists: Vec<u64>,
@@ -1171,7 +1194,7 @@ pub(crate) fn column_brackets(
                 let (cl, len) = ((c[0] >> 32) as u32, (c[0] & 0xffff_ffff) as usize);
                 lo == u32::MAX || (cl > 0 && cl <= lo && len <= cap)
             })
-        && *fingerprint_slot == fingerprint(words);
+        && *fingerprint_slot == mask_fingerprint(words);
     let n = workers(rows * cols);
     let rows_per = rows.div_ceil(n);
     let used = rows.div_ceil(rows_per);
@@ -1179,7 +1202,7 @@ pub(crate) fn column_brackets(
         scratch.columns.resize_with(used, ColumnScratch::default);
     }
     let cut = &scratch.cut;
-    scratch.pre.clear();
+    // Every word is written by the counting pass below.
     scratch.pre.resize(rows * wpr, 0);
     words
         .par_chunks(rows_per * wpr)
@@ -1232,9 +1255,9 @@ pub(crate) fn column_brackets(
                 let (mut above_lo, mut above_hi, mut full) = (0usize, 0usize, false);
                 let mut len = 0;
                 for cs in columns {
-                    above_lo += cs.counts[c] as usize;
-                    above_hi += cs.counts[cols + c] as usize;
-                    let l = cs.counts[2 * cols + c] as usize;
+                    let l = cs.counts[cols + c] as usize;
+                    above_hi += cs.counts[c] as usize;
+                    above_lo += cs.counts[c] as usize + l;
                     full |= l > LIST_CAP;
                     if !full {
                         tmp[len..len + l]
@@ -1298,12 +1321,11 @@ pub(crate) fn column_brackets(
                 if t == 0 {
                     continue;
                 }
-                let l = cs.counts[2 * cols + c] as usize;
+                let l = cs.counts[cols + c] as usize;
+                // Without a branch: about half the keys reach the threshold, in no order.
                 for &key in &cs.lists[c * LIST_CAP..c * LIST_CAP + l] {
-                    if key >= t {
-                        let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
-                        pre[(r - r0) * wpr + c / 64] |= 1 << (c % 64);
-                    }
+                    let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                    pre[(r - r0) * wpr + c / 64] |= u64::from(key >= t) << (c % 64);
                 }
             }
         });
@@ -1334,7 +1356,7 @@ pub(crate) fn column_cache_len(rows: usize, cols: usize) -> usize {
 /// caches (see [`column_cache_len`]; without regrowth there are none, every header is 0).
 pub(crate) fn seal_column_caches(cache: &mut [u64], words: &[u64], regrow: bool) {
     if let (true, Some(slot)) = (regrow, cache.last_mut()) {
-        *slot = fingerprint(words);
+        *slot = mask_fingerprint(words);
     }
 }
 
@@ -1371,52 +1393,126 @@ fn count_columns_rows<K: Kernels>(
     let wpr = cols.div_ceil(64);
     let (lo, hi) = cut.split_at(cols);
     cs.counts.clear();
-    cs.counts.resize(3 * cols, 0);
+    cs.counts.resize(2 * cols, 0);
     if cs.lists.len() < cols * LIST_CAP {
         cs.lists.resize(cols * LIST_CAP, 0);
     }
     cs.bad = None;
-    let (cl, rest) = cs.counts.split_at_mut(cols);
-    let (ch, lens) = rest.split_at_mut(cols);
-    let mut bits = [0u32; 64];
-    for (i, (((mw, wr), hr), pw)) in words
-        .chunks(wpr)
-        .zip(w.chunks(cols))
-        .zip(h.chunks(cols))
-        .zip(pre.chunks_mut(wpr))
+    let (ch, lens) = cs.counts.split_at_mut(cols);
+    let lists = &mut cs.lists;
+    // Rows in groups of GROUP (the last few alone).
+    let groups = words.len() / wpr / GROUP;
+    let g = GROUP * groups;
+    let (wg, wt) = words.split_at(g * wpr);
+    let (pg, pt) = pre.split_at_mut(g * wpr);
+    let bad = wg
+        .chunks(GROUP * wpr)
+        .zip(w.chunks(GROUP * cols))
+        .zip(h.chunks(GROUP * cols))
+        .zip(pg.chunks_mut(GROUP * wpr))
         .enumerate()
-    {
-        let r = r0 + i;
-        for (wi, (&word, p)) in mw.iter().zip(pw.iter_mut()).enumerate() {
-            let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
-            let (bad, mut inside, high) = K::count_columns(
-                word,
-                &wr[c0..c1],
-                &hr[c0..c1],
-                regrow,
-                &lo[c0..c1],
-                &hi[c0..c1],
-                (&mut cl[c0..c1], &mut ch[c0..c1]),
-                &mut bits,
-            );
+        .find_map(|(i, (((mw, wr), hr), pw))| {
+            let r = r0 + GROUP * i;
+            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, lens, lists)
+        })
+        .or_else(|| {
+            wt.chunks(wpr)
+                .zip(w[g * cols..].chunks(cols))
+                .zip(h[g * cols..].chunks(cols))
+                .zip(pt.chunks_mut(wpr))
+                .enumerate()
+                .find_map(|(i, (((mw, wr), hr), pw))| {
+                    let r = r0 + g + i;
+                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, lens, lists)
+                })
+        });
+    if bad.is_some() {
+        cs.bad = bad;
+        return;
+    }
+    // The edges at or above their column's bracket are the bits of `pre` (so far): their
+    // column sums, in one pass over the block's words rather than a counter per column in
+    // the loop above, whose loads and stores outweighed its other work.
+    crate::mask::col_counts(pre, wpr, 0, cols, ch);
+}
+
+/// [`count_columns_rows`] on `N` consecutive rows from row `r` (their mask words, values
+/// and `pre` words): every word scored in one call for all of them, and the keys inside
+/// the brackets appended to the columns' lists (`lens` counts them, beyond the lists'
+/// room too). Returns the first row with a non-finite score, if any.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn count_rows<K: Kernels, const N: usize>(
+    cols: usize,
+    r: usize,
+    regrow: bool,
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    lo: &[u32],
+    hi: &[u32],
+    pre: &mut [u64],
+    lens: &mut [u32],
+    lists: &mut [u64],
+) -> Option<usize> {
+    let wpr = cols.div_ceil(64);
+    let mut bits = [[0u32; 64]; N];
+    for wi in 0..wpr {
+        let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+        let got = K::count_columns::<N>(
+            std::array::from_fn(|n| words[n * wpr + wi]),
+            std::array::from_fn(|n| &w[n * cols + c0..n * cols + c1]),
+            std::array::from_fn(|n| &h[n * cols + c0..n * cols + c1]),
+            regrow,
+            &lo[c0..c1],
+            &hi[c0..c1],
+            &mut bits,
+        );
+        for (n, &(bad, mut inside, high)) in got.iter().enumerate() {
             if bad {
-                cs.bad = Some(r);
-                return;
+                // The first bad row: an earlier row of the group may hold a non-finite
+                // score in a later word.
+                return Some(
+                    (0..N)
+                        .find(|&m| {
+                            row_non_finite(
+                                &words[m * wpr..],
+                                &w[m * cols..],
+                                &h[m * cols..],
+                                cols,
+                                regrow,
+                            )
+                        })
+                        .map_or(r + n, |m| r + m),
+                );
             }
-            *p = high;
+            pre[n * wpr + wi] = high;
+            let key_row = u64::from(u32::MAX) - (r + n) as u64;
             while inside != 0 {
                 let j = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
                 let c = c0 + j;
-                let n = lens[c] as usize;
-                if n < LIST_CAP {
-                    cs.lists[c * LIST_CAP + n] =
-                        (u64::from(bits[j]) << 32) | (u64::from(u32::MAX) - r as u64);
+                let k = lens[c] as usize;
+                if k < LIST_CAP {
+                    lists[c * LIST_CAP + k] = (u64::from(bits[n][j]) << 32) | key_row;
                 }
                 lens[c] = lens[c].saturating_add(1);
             }
         }
     }
+    None
+}
+
+/// Rows scored together by SP-out's counting pass: they share the loads of the columns'
+/// bracket ends, and their values stream in side by side.
+const GROUP: usize = 2;
+
+/// Whether the first row of `words`/`w`/`h` (`cols` edges) has a non-finite score.
+fn row_non_finite(words: &[u64], w: &[f32], h: &[f32], cols: usize, regrow: bool) -> bool {
+    (0..cols).any(|c| {
+        let live = (words[c / 64] >> (c % 64)) & 1 == 1;
+        (live || regrow) && !(if live { w[c] } else { h[c] }).is_finite()
+    })
 }
 
 kernel_entry! {
@@ -1455,6 +1551,31 @@ fn rebuild_columns_rows<K: Kernels>(
     let wpr = cols.div_ceil(64);
     let (ts, ti) = cut.split_at(cols);
     let mut st = SyncStats::default();
+    let lanes = |wi: usize| crate::mask::lanes(cols - wi * 64);
+    if kept.iter().enumerate().all(|(wi, &k)| k == lanes(wi)) {
+        // Every column kept its bracket (as between refreshes of a settled layer): the new
+        // words are those of `pre`, and only the words that differ are visited.
+        for (i, ((mw, wr), hr)) in words
+            .chunks_mut(wpr)
+            .zip(w.chunks_mut(cols))
+            .zip(h.chunks_mut(cols))
+            .enumerate()
+        {
+            let pr = &pre[i * wpr..(i + 1) * wpr];
+            if mw == pr {
+                continue;
+            }
+            for (wi, (ow, &new)) in mw.iter_mut().zip(pr).enumerate() {
+                if *ow != new {
+                    let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+                    let moved = sync_row(&[*ow], &[new], 1, &mut wr[c0..c1], &mut hr[c0..c1]);
+                    st = add(st, moved);
+                    *ow = new;
+                }
+            }
+        }
+        return st;
+    }
     for (i, ((mw, wr), hr)) in words
         .chunks_mut(wpr)
         .zip(w.chunks_mut(cols))
@@ -1466,7 +1587,7 @@ fn rebuild_columns_rows<K: Kernels>(
             let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
             let old = *ow;
             let from_pre = if k != 0 { pre[i * wpr + wi] & k } else { 0 };
-            let new = if k == crate::mask::lanes(c1 - c0) {
+            let new = if k == lanes(wi) {
                 from_pre
             } else {
                 let sel = K::select_columns(
