@@ -802,7 +802,8 @@ impl Pruner {
                     total: t.iter().sum(),
                 }
             });
-            let live = st.mask.count();
+            // The degrees on either side add up to the live edges.
+            let live = deg.iter().map(|&d| d as usize).sum::<usize>();
             reports.push(LayerReport {
                 layer: name.to_string(),
                 target_density,
