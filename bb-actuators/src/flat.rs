@@ -437,8 +437,10 @@ impl Kernels for Avx512 {
                     } else {
                         _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
                     };
-                    bad[n] |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                     let sv = _mm512_maskz_and_epi32(cand, v, abs);
+                    // A candidate is non-finite when its magnitude's bits reach those of
+                    // infinity.
+                    bad[n] |= _mm512_cmpge_epu32_mask(sv, exp);
                     _mm512_storeu_epi32(bits[n].as_mut_ptr().add(at).cast(), sv);
                     above[n][q] = _mm512_cmpge_epu32_mask(sv, l);
                     high[n][q] = _mm512_cmpge_epu32_mask(sv, u);
@@ -750,23 +752,33 @@ pub(crate) fn row_hint_len(cols: usize) -> usize {
     4 + (cols / 16).clamp(32, 1024)
 }
 
-/// A fingerprint of a mask row, for the dead-key cache.
-#[inline(always)]
-fn fingerprint(words: &[u64]) -> u64 {
-    // Four independent lanes, so that the multiplies overlap.
-    let mut f = [
-        0x243f_6a88_85a3_08d3u64,
-        0x1319_8a2e_0370_7344,
-        0xa409_3822_299f_31d0,
-        0x082e_fa98_ec4e_6c89,
-    ];
-    for (i, &x) in words.iter().enumerate() {
-        let a = &mut f[i % 4];
-        *a = (*a ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+crate::multiversion! {
+    /// A fingerprint of a mask row (or a run of a mask's words), for the dead-key caches:
+    /// eight independent lanes of multiply-xor-rotate, so that the multiplies overlap (and
+    /// vectorize), folded into one word with the length.
+    fn fingerprint(words: &[u64]) -> u64 {
+        const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut f = [
+            0x243f_6a88_85a3_08d3u64,
+            0x1319_8a2e_0370_7344,
+            0xa409_3822_299f_31d0,
+            0x082e_fa98_ec4e_6c89,
+            0x4528_21e6_38d0_1377,
+            0xbe54_66cf_34e9_0c6c,
+            0xc0ac_29b7_c97c_50dd,
+            0x3f84_d5b5_b547_0917,
+        ];
+        let (body, tail) = words.split_at(words.len() / 8 * 8);
+        for run in body.chunks_exact(8) {
+            for (a, &x) in f.iter_mut().zip(run) {
+                *a = (*a ^ x).wrapping_mul(MIX).rotate_left(29);
+            }
+        }
+        for (a, &x) in f.iter_mut().zip(tail) {
+            *a = (*a ^ x).wrapping_mul(MIX).rotate_left(29);
+        }
+        f.iter().fold(words.len() as u64, |g, &a| (g ^ a).wrapping_mul(MIX).rotate_left(29))
     }
-    f.iter().fold(words.len() as u64, |g, &a| {
-        (g ^ a).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
-    })
 }
 
 /// A fingerprint of a whole mask, for SP-out's dead-key caches: the [`fingerprint`]s of
@@ -1138,8 +1150,41 @@ pub(crate) struct ColumnScratch {
     counts: Vec<u32>,
     /// Per column, the first [`LIST_CAP`] keys inside its bracket, in row order.
     lists: Vec<u64>,
+    /// Every key inside its column's bracket in the order the pass met them (rows nearly in
+    /// order), and its column, while there is room (`logged` counts them all): the keys
+    /// that reach their column's threshold join `pre` from here, in a walk through the
+    /// worker's rows rather than a jump between rows for every key.
+    log: Vec<u64>,
+    log_cols: Vec<u32>,
+    logged: usize,
     /// The first row with a non-finite score.
     bad: Option<usize>,
+}
+
+/// What [`count_rows`] keeps of the keys inside their brackets (see [`ColumnScratch`]).
+struct Inside<'a> {
+    lens: &'a mut [u32],
+    lists: &'a mut [u64],
+    /// Room for `log.len() - 1` keys; the last slot takes the keys beyond.
+    log: &'a mut [u64],
+    log_cols: &'a mut [u32],
+    logged: usize,
+}
+
+impl Inside<'_> {
+    /// Notes key `key` of column `c`.
+    #[inline(always)]
+    fn push(&mut self, c: usize, key: u64) {
+        let k = self.lens[c] as usize;
+        if k < LIST_CAP {
+            self.lists[c * LIST_CAP + k] = key;
+        }
+        self.lens[c] = self.lens[c].saturating_add(1);
+        let at = self.logged.min(self.log.len() - 1);
+        self.log[at] = key;
+        self.log_cols[at] = c as u32;
+        self.logged += 1;
+    }
 }
 
 /// SP-out on a plain `[rows, cols]` matrix, first pass: one streaming pass over the rows
@@ -1266,12 +1311,17 @@ pub(crate) fn column_brackets(
                     }
                 }
                 let n_counted = len;
-                if cached && !full && len + (old & 0xffff_ffff) as usize <= tmp.len() {
-                    // The dead edges from the cache (none reaches the bracket's high end:
-                    // a cache is built below its column's threshold; if one did, the column
-                    // is selected from scratch).
-                    let keys = &cache[1..1 + (old & 0xffff_ffff) as usize];
-                    for &key in keys {
+                // The cache's keys (dead edges), when they stand in for the shadow.
+                let mut dead: &[u64] = &[];
+                if cached && !full {
+                    dead = &cache[1..1 + (old & 0xffff_ffff) as usize];
+                    // (Room enough for any column's keys: `ensure_keys` above.)
+                    full |= len + dead.len() > tmp.len();
+                }
+                if !full {
+                    // None reaches the bracket's high end (a cache is built below its
+                    // column's threshold; if one did, the column is selected from scratch).
+                    for &key in dead {
                         let s = (key >> 32) as u32;
                         full |= s >= hi;
                         tmp[len] = key;
@@ -1285,9 +1335,15 @@ pub(crate) fn column_brackets(
                 let guess = bracket_center([hint[0], hint[1]]);
                 *t = pick_near(&mut tmp[..len], k - above_hi, guess, hist);
                 hint.copy_from_slice(&bracket_around(*t));
-                // Dead edges from the cache that come back join `pre` below; the inside
-                // keys under the threshold are the column's dead edges from its bracket's
-                // low end up (every candidate there was counted or cached): its new cache.
+                // Dead edges from the cache that come back join `pre` below (the counted
+                // keys are those of live edges: with the caches only live edges are scored).
+                for &key in dead.iter().filter(|&&key| key >= *t) {
+                    let r = u64::from(u32::MAX) - (key & u64::from(u32::MAX));
+                    born.push(((c as u64) << 32) | r);
+                }
+                // The inside keys under the threshold are the column's dead edges from its
+                // bracket's low end up (every candidate there was counted or cached): its
+                // new cache.
                 let mut m = 0;
                 for &key in &tmp[..len] {
                     if key < *t {
@@ -1295,11 +1351,6 @@ pub(crate) fn column_brackets(
                             cache[1 + m] = key;
                         }
                         m += 1;
-                    } else if cached {
-                        let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
-                        if (words[r * wpr + c / 64] >> (c % 64)) & 1 == 0 {
-                            born.push(((c as u64) << 32) | r as u64);
-                        }
                     }
                 }
                 if regrow && m <= cap {
@@ -1317,6 +1368,15 @@ pub(crate) fn column_brackets(
         .enumerate()
         .for_each(|(b, (pre, cs))| {
             let r0 = b * rows_per;
+            if cs.logged < cs.log.len() {
+                for (&key, &c) in cs.log[..cs.logged].iter().zip(&cs.log_cols[..cs.logged]) {
+                    let (c, t) = (c as usize, thresholds[c as usize]);
+                    let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
+                    pre[(r - r0) * wpr + c / 64] |= u64::from(t != 0 && key >= t) << (c % 64);
+                }
+                return;
+            }
+            // The log ran out of room: column by column from the lists.
             for (c, &t) in thresholds.iter().enumerate() {
                 if t == 0 {
                     continue;
@@ -1398,8 +1458,20 @@ fn count_columns_rows<K: Kernels>(
         cs.lists.resize(cols * LIST_CAP, 0);
     }
     cs.bad = None;
+    // Room in the log for about 3 % of the block's edges (twice what settled brackets hold
+    // with uniform scores), and a last slot for the keys beyond.
+    let room = words.len() / wpr * cols / 32 + 1;
+    cs.log.resize(room, 0);
+    cs.log_cols.resize(room, 0);
     let (ch, lens) = cs.counts.split_at_mut(cols);
-    let lists = &mut cs.lists;
+    let mut inside = Inside {
+        lens,
+        lists: &mut cs.lists,
+        log: &mut cs.log,
+        log_cols: &mut cs.log_cols,
+        logged: 0,
+    };
+    let keys = &mut inside;
     // Rows in groups of GROUP (the last few alone).
     let groups = words.len() / wpr / GROUP;
     let g = GROUP * groups;
@@ -1413,7 +1485,7 @@ fn count_columns_rows<K: Kernels>(
         .enumerate()
         .find_map(|(i, (((mw, wr), hr), pw))| {
             let r = r0 + GROUP * i;
-            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, lens, lists)
+            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
         })
         .or_else(|| {
             wt.chunks(wpr)
@@ -1423,9 +1495,10 @@ fn count_columns_rows<K: Kernels>(
                 .enumerate()
                 .find_map(|(i, (((mw, wr), hr), pw))| {
                     let r = r0 + g + i;
-                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, lens, lists)
+                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
                 })
         });
+    cs.logged = inside.logged;
     if bad.is_some() {
         cs.bad = bad;
         return;
@@ -1452,8 +1525,7 @@ fn count_rows<K: Kernels, const N: usize>(
     lo: &[u32],
     hi: &[u32],
     pre: &mut [u64],
-    lens: &mut [u32],
-    lists: &mut [u64],
+    inside_keys: &mut Inside<'_>,
 ) -> Option<usize> {
     let wpr = cols.div_ceil(64);
     let mut bits = [[0u32; 64]; N];
@@ -1491,12 +1563,7 @@ fn count_rows<K: Kernels, const N: usize>(
             while inside != 0 {
                 let j = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
-                let c = c0 + j;
-                let k = lens[c] as usize;
-                if k < LIST_CAP {
-                    lists[c * LIST_CAP + k] = (u64::from(bits[n][j]) << 32) | key_row;
-                }
-                lens[c] = lens[c].saturating_add(1);
+                inside_keys.push(c0 + j, (u64::from(bits[n][j]) << 32) | key_row);
             }
         }
     }

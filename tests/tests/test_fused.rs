@@ -495,3 +495,29 @@ fn wide_column_layers_keep_brackets_exactly() {
         assert!(pair.hints.iter().any(|&x| x != 0), "hints were kept");
     }
 }
+
+/// SP-out with every score inside its column's bracket (nearly equal weights that barely
+/// move): the brackets hold, but the keys inside them outgrow the counting pass's log, and
+/// the kept columns' selections are completed from the per-column lists instead. The masks,
+/// weights and shadow equal those of refreshes from scratch.
+#[test]
+fn crowded_brackets_change_nothing() {
+    for regrow in [true, false] {
+        let mut r = rng(77 + u64::from(regrow));
+        // 150 rows (75 per worker: within a column's list), 600 columns: more than 2^15
+        // edges, so that two workers count.
+        let l = layer(&mut r, 150, 600, &[], 3);
+        let targets: Vec<u32> = (0..600).map(|_| r.gen_range(40..110)).collect();
+        let mut pair = KeptAndFresh::new(&l);
+        for step in 0..6 {
+            pair.drift(|| r.gen_range(0.9999f32..1.0001));
+            pair.refresh(
+                Side::Columns,
+                &targets,
+                regrow,
+                &format!("regrow {regrow} step {step}"),
+            );
+        }
+        assert!(pair.hints.iter().any(|&x| x != 0), "hints were kept");
+    }
+}
