@@ -198,9 +198,10 @@ crate::multiversion! {
 
 /// Column sums of a row-major bit matrix from word column `w0` on: adds bit `b` of every
 /// row's word `wi` to `out[(wi - w0) * 64 + b]`, for as many word columns as `out` covers.
-/// On CPUs with AVX-512 (F and BW), eight word columns at a time go down the rows, each word
-/// the lane mask of one byte increment of 64 counters held in a register (widened into `out`
-/// every 255 rows); elsewhere (and for the last word columns) [`col_counts_lanes`].
+/// On CPUs with AVX-512 (F and BW), eight word columns at a time go down the rows: runs of
+/// 15 rows are summed in bit planes, whose words then add their weights to byte counters
+/// held in registers (widened into `out` every 255 rows); elsewhere (and for the last word
+/// columns) [`col_counts_lanes`].
 pub(crate) fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
@@ -222,17 +223,36 @@ pub(crate) fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: 
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn col_counts_avx512(bits: &[u64], wpr: usize, w0: usize, out: &mut [u32]) {
     use std::arch::x86_64::*;
-    let minus_one = _mm512_set1_epi8(-1);
     for (g, o) in out.chunks_exact_mut(512).enumerate() {
         let wi = w0 + 8 * g;
         o.fill(0);
         // Byte counters overflow past 255 rows: blocks of 255, widened into `o` after each.
         for block in bits.chunks(255 * wpr) {
             let mut acc = [_mm512_setzero_si512(); 8];
-            for row in block.chunks_exact(wpr) {
-                let words: &[u64; 8] = row[wi..wi + 8].try_into().expect("eight words");
-                for (a, &w) in acc.iter_mut().zip(words) {
-                    *a = _mm512_mask_sub_epi8(*a, w, *a, minus_one);
+            // Runs of up to 15 rows are first added up in four bit planes (a ripple-carry
+            // adder on the eight words of a row at once), then each plane's words are the
+            // lane masks of one byte addition of its weight.
+            for run in block.chunks(15 * wpr) {
+                let mut p = [_mm512_setzero_si512(); 4];
+                for row in run.chunks_exact(wpr) {
+                    let words: &[u64; 8] = row[wi..wi + 8].try_into().expect("eight words");
+                    // SAFETY: eight words are readable at `words`.
+                    let mut carry = unsafe { _mm512_loadu_epi64(words.as_ptr().cast()) };
+                    for plane in &mut p {
+                        let next = _mm512_and_si512(*plane, carry);
+                        *plane = _mm512_xor_si512(*plane, carry);
+                        carry = next;
+                    }
+                }
+                let mut planes = [[0u64; 8]; 4];
+                for (dst, v) in planes.iter_mut().zip(&p) {
+                    // SAFETY: `dst` holds eight words.
+                    unsafe { _mm512_storeu_epi64(dst.as_mut_ptr().cast(), *v) };
+                }
+                for (j, a) in acc.iter_mut().enumerate() {
+                    for (k, plane) in planes.iter().enumerate() {
+                        *a = _mm512_mask_add_epi8(*a, plane[j], *a, _mm512_set1_epi8(1 << k));
+                    }
                 }
             }
             for (a, d) in acc.iter().zip(o.chunks_exact_mut(64)) {
