@@ -278,6 +278,19 @@ fn prefetch_ahead(w: &[f32], h: &[f32], shadow: bool, at: usize) {
     }
 }
 
+/// Asks for `lines` cache lines from `p` on (an address only computed, never read here).
+#[inline(always)]
+fn prefetch_lines(p: *const u64, lines: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for i in 0..lines {
+        use std::arch::x86_64::*;
+        // SAFETY: a prefetch never faults; the address is computed with wrapping arithmetic.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * i).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, lines);
+}
+
 /// How far ahead [`prefetch_ahead`] reaches, in values (4 KiB).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 1024;
@@ -1290,6 +1303,13 @@ pub(crate) fn column_brackets(
                 .enumerate()
             {
                 let c = b * cols_per + j;
+                // The column after next: its cache and its keys from every worker, whose
+                // places lie far apart (the loads would otherwise wait one after another).
+                let next = c + 2;
+                prefetch_lines(cache.as_ptr().wrapping_add(2 * (1 + cap)), 2);
+                for cs in columns {
+                    prefetch_lines(cs.lists.as_ptr().wrapping_add(next * LIST_CAP), 2);
+                }
                 // Rebuilt below if the column keeps its bracket.
                 let old = std::mem::replace(&mut cache[0], 0);
                 if cut[c] == u32::MAX {
