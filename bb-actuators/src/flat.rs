@@ -794,26 +794,14 @@ crate::multiversion! {
     }
 }
 
-/// A fingerprint of a whole mask, for SP-out's dead-key caches: the [`fingerprint`]s of
-/// its runs of 16384 words, each mixed with its place, joined by exclusive or (so that the
-/// runs can be taken by any number of workers, in any grouping, with the same result).
-fn mask_fingerprint(words: &[u64]) -> u64 {
-    const RUN: usize = 1 << 14;
-    let part = |(i, run): (usize, &[u64])| {
-        (fingerprint(run) ^ i as u64)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(29)
-    };
-    let joined = if words.len() <= RUN {
-        part((0, words))
-    } else {
-        words
-            .par_chunks(RUN)
-            .enumerate()
-            .map(part)
-            .reduce(|| 0, |a, b| a ^ b)
-    };
-    joined ^ words.len() as u64
+/// Row `r`'s part in the fingerprint of a whole mask (for SP-out's dead-key caches): the
+/// mask's fingerprint is the number of rows and every row's part joined by exclusive or, so
+/// that the passes over the rows can take it as they go, split among any number of workers.
+#[inline(always)]
+fn row_part(r: usize, words: &[u64]) -> u64 {
+    (fingerprint(words) ^ r as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(29)
 }
 
 /// After a row's refresh to threshold `thr` (mask words `mw` already new): its new bracket,
@@ -1110,7 +1098,7 @@ mod tests {
             let portable = run(false, regrow);
             assert!(portable.0.iter().any(|&n| n > 0), "columns were counted");
             assert!(
-                portable.4.died + portable.4.born > 0,
+                (portable.4).0.died + (portable.4).0.born > 0,
                 "the rebuild changed edges"
             );
             if avx {
@@ -1170,6 +1158,8 @@ pub(crate) struct ColumnScratch {
     log: Vec<u64>,
     log_cols: Vec<u32>,
     logged: usize,
+    /// The worker's rows' parts of the mask fingerprint (see [`row_part`]).
+    parts: u64,
     /// The first row with a non-finite score.
     bad: Option<usize>,
 }
@@ -1182,6 +1172,8 @@ struct Inside<'a> {
     log: &'a mut [u64],
     log_cols: &'a mut [u32],
     logged: usize,
+    /// The rows' parts of the mask fingerprint, joined.
+    parts: u64,
 }
 
 impl Inside<'_> {
@@ -1243,16 +1235,18 @@ pub(crate) fn column_brackets(
         return Ok(());
     }
     // The dead-key caches stand in for the shadow when every column with a bracket has one
-    // that reaches below it, all built for this very mask.
-    let cached = regrow
+    // that reaches below it, all built for this very mask. Whether it is that mask is seen
+    // after the counting pass, which takes the mask's fingerprint as it goes: the pass first
+    // scores the live edges alone, and again with the shadow if the mask turns out to have
+    // changed.
+    let heads = regrow
         && cut[..cols]
             .iter()
             .zip(caches.chunks_exact(1 + cap))
             .all(|(&lo, c)| {
                 let (cl, len) = ((c[0] >> 32) as u32, (c[0] & 0xffff_ffff) as usize);
                 lo == u32::MAX || (cl > 0 && cl <= lo && len <= cap)
-            })
-        && *fingerprint_slot == mask_fingerprint(words);
+            });
     let n = workers(rows * cols);
     let rows_per = rows.div_ceil(n);
     let used = rows.div_ceil(rows_per);
@@ -1262,22 +1256,32 @@ pub(crate) fn column_brackets(
     let cut = &scratch.cut;
     // Every word is written by the counting pass below.
     scratch.pre.resize(rows * wpr, 0);
-    words
-        .par_chunks(rows_per * wpr)
-        .zip(w.par_chunks(rows_per * cols))
-        .zip(h.par_chunks(rows_per * cols))
-        .zip(scratch.pre.par_chunks_mut(rows_per * wpr))
-        .zip(scratch.columns[..used].par_iter_mut())
-        .enumerate()
-        .for_each(|(b, ((((mw, wr), hr), pre), cs))| {
-            // With the caches only the live edges are scored.
-            let score_dead = regrow && !cached;
-            count_columns_block(cols, b * rows_per, score_dead, mw, wr, hr, cut, pre, cs);
-        });
+    // With the caches only the live edges are scored.
+    let mut score_dead = regrow && !heads;
+    let cached = loop {
+        words
+            .par_chunks(rows_per * wpr)
+            .zip(w.par_chunks(rows_per * cols))
+            .zip(h.par_chunks(rows_per * cols))
+            .zip(scratch.pre.par_chunks_mut(rows_per * wpr))
+            .zip(scratch.columns[..used].par_iter_mut())
+            .enumerate()
+            .for_each(|(b, ((((mw, wr), hr), pre), cs))| {
+                count_columns_block(cols, b * rows_per, score_dead, mw, wr, hr, cut, pre, cs);
+            });
+        let columns = &scratch.columns[..used];
+        if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
+            return Err(r);
+        }
+        let mask = columns.iter().fold(rows as u64, |f, cs| f ^ cs.parts);
+        let cached = heads && *fingerprint_slot == mask;
+        if cached || score_dead || !regrow {
+            break cached;
+        }
+        // The mask changed since the caches were built: score the dead edges too.
+        score_dead = true;
+    };
     let columns = &scratch.columns[..used];
-    if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
-        return Err(r);
-    }
     let cols_per = cols.div_ceil(n);
     if scratch.born.len() < n {
         scratch.born.resize_with(n, Vec::new);
@@ -1432,11 +1436,12 @@ pub(crate) fn column_cache_len(rows: usize, cols: usize) -> usize {
     cols * (1 + column_cache_cap(rows)) + 1
 }
 
-/// After an SP-out refresh of a plain layer: the fingerprint of its new mask, for the
-/// caches (see [`column_cache_len`]; without regrowth there are none, every header is 0).
-pub(crate) fn seal_column_caches(cache: &mut [u64], words: &[u64], regrow: bool) {
+/// After an SP-out refresh of a plain layer of `rows` rows: the fingerprint of its new mask
+/// from its rows' parts (`parts`, see [`row_part`]), for the caches (see
+/// [`column_cache_len`]; without regrowth there are none, every header is 0).
+pub(crate) fn seal_column_caches(cache: &mut [u64], rows: usize, parts: u64, regrow: bool) {
     if let (true, Some(slot)) = (regrow, cache.last_mut()) {
-        *slot = mask_fingerprint(words);
+        *slot = rows as u64 ^ parts;
     }
 }
 
@@ -1490,6 +1495,7 @@ fn count_columns_rows<K: Kernels>(
         log: &mut cs.log,
         log_cols: &mut cs.log_cols,
         logged: 0,
+        parts: 0,
     };
     let keys = &mut inside;
     // Rows in groups of GROUP (the last few alone).
@@ -1518,7 +1524,7 @@ fn count_columns_rows<K: Kernels>(
                     count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
                 })
         });
-    cs.logged = inside.logged;
+    (cs.logged, cs.parts) = (inside.logged, inside.parts);
     if bad.is_some() {
         cs.bad = bad;
         return;
@@ -1548,6 +1554,9 @@ fn count_rows<K: Kernels, const N: usize>(
     inside_keys: &mut Inside<'_>,
 ) -> Option<usize> {
     let wpr = cols.div_ceil(64);
+    for (n, row) in words.chunks(wpr).enumerate() {
+        inside_keys.parts ^= row_part(r + n, row);
+    }
     let mut bits = [[0u32; 64]; N];
     for wi in 0..wpr {
         let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
@@ -1619,7 +1628,7 @@ kernel_entry! {
         words: &mut [u64],
         w: &mut [f32],
         h: &mut [f32],
-    ) -> SyncStats
+    ) -> (SyncStats, u64)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1634,10 +1643,17 @@ fn rebuild_columns_rows<K: Kernels>(
     words: &mut [u64],
     w: &mut [f32],
     h: &mut [f32],
-) -> SyncStats {
+) -> (SyncStats, u64) {
     let wpr = cols.div_ceil(64);
     let (ts, ti) = cut.split_at(cols);
     let mut st = SyncStats::default();
+    // The new rows' parts of the mask fingerprint, for the caches (with regrowth).
+    let mut parts = 0;
+    let mut take_part = |i: usize, row: &[u64]| {
+        if regrow {
+            parts ^= row_part(r0 + i, row);
+        }
+    };
     let lanes = |wi: usize| crate::mask::lanes(cols - wi * 64);
     if kept.iter().enumerate().all(|(wi, &k)| k == lanes(wi)) {
         // Every column kept its bracket (as between refreshes of a settled layer): the new
@@ -1649,19 +1665,19 @@ fn rebuild_columns_rows<K: Kernels>(
             .enumerate()
         {
             let pr = &pre[i * wpr..(i + 1) * wpr];
-            if mw == pr {
-                continue;
-            }
-            for (wi, (ow, &new)) in mw.iter_mut().zip(pr).enumerate() {
-                if *ow != new {
-                    let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
-                    let moved = sync_row(&[*ow], &[new], 1, &mut wr[c0..c1], &mut hr[c0..c1]);
-                    st = add(st, moved);
-                    *ow = new;
+            if mw != pr {
+                for (wi, (ow, &new)) in mw.iter_mut().zip(pr).enumerate() {
+                    if *ow != new {
+                        let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+                        let moved = sync_row(&[*ow], &[new], 1, &mut wr[c0..c1], &mut hr[c0..c1]);
+                        st = add(st, moved);
+                        *ow = new;
+                    }
                 }
             }
+            take_part(i, mw);
         }
-        return st;
+        return (st, parts);
     }
     for (i, ((mw, wr), hr)) in words
         .chunks_mut(wpr)
@@ -1697,8 +1713,9 @@ fn rebuild_columns_rows<K: Kernels>(
                 *ow = new;
             }
         }
+        take_part(i, mw);
     }
-    st
+    (st, parts)
 }
 
 /// The selection rule of a threshold key as (score bits, last index kept at those bits):

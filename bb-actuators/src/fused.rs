@@ -424,7 +424,10 @@ fn fused_columns(
             .zip(shadow.par_chunks_mut(rows_per * rl))
             .enumerate()
             .map(|(b, ((words, w), h))| f(b * rows_per, words, w, h))
-            .reduce(SyncStats::default, add)
+            .reduce(
+                || (SyncStats::default(), 0),
+                |(a, x), (b, y)| (add(a, b), x ^ y),
+            )
     };
     if kl == 1 {
         let cut = &mut scratch.cut;
@@ -433,7 +436,7 @@ fn fused_columns(
             (cut[c], cut[cols + c]) = crate::flat::split_threshold(t);
         }
         let (cut, kept, pre) = (&scratch.cut, &scratch.kept, &scratch.pre);
-        let st = blocks(&|r0, words, w, h| {
+        let (st, parts) = blocks(&|r0, words, w, h| {
             let pre = if kept.iter().any(|&k| k != 0) {
                 &pre[r0 * wpr..]
             } else {
@@ -441,16 +444,20 @@ fn fused_columns(
             };
             crate::flat::rebuild_columns_block(cols, r0, regrow, cut, kept, pre, words, w, h)
         });
-        crate::flat::seal_column_caches(caches, mask.words(), regrow);
+        crate::flat::seal_column_caches(caches, rows, parts, regrow);
         return Ok(st);
     }
     Ok(blocks(&|r0, words, w, h| {
-        rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h)
-    }))
+        let st = rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h);
+        (st, 0)
+    })
+    .0)
 }
 
-/// Work on one block of rows: `(first row, its mask words, weights, shadow)`.
-type BlockFn<'a> = dyn Fn(usize, &mut [u64], &mut [f32], &mut [f32]) -> SyncStats + Sync + 'a;
+/// Work on one block of rows: `(first row, its mask words, weights, shadow)`, giving what it
+/// moved and (plain matrices) its rows' parts of the new mask's fingerprint.
+type BlockFn<'a> =
+    dyn Fn(usize, &mut [u64], &mut [f32], &mut [f32]) -> (SyncStats, u64) + Sync + 'a;
 
 crate::multiversion! {
     /// The threshold key of each column of a gathered strip (`rows` keys per column),

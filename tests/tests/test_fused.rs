@@ -521,3 +521,98 @@ fn crowded_brackets_change_nothing() {
         assert!(pair.hints.iter().any(|&x| x != 0), "hints were kept");
     }
 }
+
+/// SP-out's dead-key caches after a mask change made elsewhere that keeps every column's
+/// live count: in each column the weakest live edge and the strongest dead one trade places
+/// (both inside the column's bracket). Counting the live edges alone would keep the traded
+/// places; the changed mask is noticed and the refresh equals one from scratch, which trades
+/// them back.
+#[test]
+fn column_caches_notice_a_trade_at_the_threshold() {
+    let mut r = rng(505);
+    let l = layer(&mut r, 700, 64, &[], 0);
+    let targets = vec![300u32; 64];
+    let mut kf = KeptAndFresh::new(&l);
+    // Three refreshes of the same weights: the caches are in use by the last.
+    for _ in 0..3 {
+        kf.refresh(Side::Columns, &targets, true, "before the trade");
+    }
+    let before = kf.kept.0.clone();
+    for copy in [&mut kf.kept, &mut kf.fresh] {
+        let mut other = copy.0.clone();
+        for i in 0..64 {
+            let score = |o: usize| {
+                if copy.0.get(o, i) {
+                    copy.1[o * 64 + i].abs()
+                } else {
+                    copy.2[o * 64 + i].abs()
+                }
+            };
+            let (live, dead): (Vec<usize>, Vec<usize>) = (0..700).partition(|&o| copy.0.get(o, i));
+            let weakest = *live
+                .iter()
+                .min_by(|&&a, &&b| score(a).total_cmp(&score(b)))
+                .unwrap();
+            let strongest = *dead
+                .iter()
+                .max_by(|&&a, &&b| score(a).total_cmp(&score(b)))
+                .unwrap();
+            other.set(weakest, i, false);
+            other.set(strongest, i, true);
+        }
+        sync_weights(&l.shape, &copy.0, &other, &mut copy.1, &mut copy.2, false).unwrap();
+        copy.0 = other;
+    }
+    let st = kf.refresh(Side::Columns, &targets, true, "after the trade");
+    assert_eq!((st.born, st.died), (64, 64), "every trade was undone");
+    assert!(kf.kept.0 == before, "the mask from before the trade");
+}
+
+/// With its dead-key caches in use, a settled SP-out layer's refresh does not read the
+/// shadow values of dead edges well below its brackets: planted non-finite values there
+/// (which a refresh from scratch reports) go unread.
+#[test]
+fn settled_column_caches_stand_in_for_the_shadow() {
+    let mut r = rng(606);
+    let l = layer(&mut r, 700, 64, &[], 0);
+    let targets = vec![300u32; 64];
+    let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
+    let (mut scratch, mut hints) = (ActuatorScratch::default(), Vec::new());
+    let mut refresh =
+        |mask: &mut BitMask, w: &mut Vec<f32>, h: &mut Vec<f32>, hints: &mut Vec<u64>| {
+            refresh_targets(
+                Side::Columns,
+                &l.shape,
+                w,
+                h,
+                &targets,
+                true,
+                mask,
+                &mut scratch,
+                hints,
+            )
+        };
+    for _ in 0..3 {
+        refresh(&mut mask, &mut w, &mut h, &mut hints).unwrap();
+    }
+    let mut planted = 0;
+    for i in 0..64 {
+        let weakest = (0..700)
+            .filter(|&o| mask.get(o, i))
+            .map(|o| w[o * 64 + i].abs())
+            .fold(f32::INFINITY, f32::min);
+        for o in (0..700).filter(|&o| !mask.get(o, i)) {
+            if h[o * 64 + i].abs() < 0.5 * weakest {
+                h[o * 64 + i] = f32::NAN;
+                planted += 1;
+            }
+        }
+    }
+    assert!(planted > 0);
+    let (m0, w0, h0) = (mask.clone(), w.clone(), h.clone());
+    refresh(&mut mask, &mut w, &mut h, &mut hints).expect("the shadow was not read");
+    assert!(mask == m0, "nothing changed");
+    let (mut m1, mut w1, mut h1) = (m0, w0, h0);
+    let err = refresh(&mut m1, &mut w1, &mut h1, &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, ActuatorError::NonFinite { .. }), "{err:?}");
+}
