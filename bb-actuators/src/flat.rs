@@ -13,8 +13,8 @@
 //!   threshold. Otherwise the row's 64-bit keys are built from the bits, selected from
 //!   scratch, and a pass over the bits (still in cache) rebuilds the mask words. Either way
 //!   the weights of edges that changed state are then moved.
-//! * **Columns (SP-out)**: one streaming pass over all rows counts every column against its
-//!   own bracket (per-lane counters) and keeps the keys inside; columns whose threshold left
+//! * **Columns (SP-out)**: one streaming pass over all rows, two at a time, scores every
+//!   column against its own bracket and keeps the keys inside; columns whose threshold left
 //!   the bracket are gathered and selected from scratch. A second pass rebuilds every row
 //!   against the columns' thresholds.
 //!
