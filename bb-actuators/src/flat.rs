@@ -295,6 +295,34 @@ fn prefetch_lines(p: *const u64, lines: usize) {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 1024;
 
+/// The 16 values from `at` of a word's edges: weights where `live` has a bit, shadow values
+/// elsewhere with regrowth (without it dead edges are not candidates: zero, and the shadow is
+/// not read).
+///
+/// # Safety
+/// `w` and `h` hold at least `at + 16` values; only for code compiled with `avx512f`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_values(
+    w: &[f32],
+    h: &[f32],
+    at: usize,
+    live: u16,
+    regrow: bool,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract (16 values from `at` in both slices, AVX-512F).
+    unsafe {
+        if regrow {
+            let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
+            let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
+            _mm512_mask_blend_epi32(live, y, x)
+        } else {
+            _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
+        }
+    }
+}
+
 /// The four 16-bit lane masks of a word's vectors as one word, joined in mask registers.
 ///
 /// # Safety
@@ -349,14 +377,7 @@ impl Kernels for Avx512 {
                 let live = (word >> (16 * q)) as u16;
                 let c = (cand >> (16 * q)) as u16;
                 prefetch_ahead(w, h, regrow, 16 * q);
-                let v = if regrow {
-                    let x = _mm512_loadu_epi32(w.as_ptr().add(16 * q).cast());
-                    let y = _mm512_loadu_epi32(h.as_ptr().add(16 * q).cast());
-                    _mm512_mask_blend_epi32(live, y, x)
-                } else {
-                    // Dead edges are not candidates: the shadow is not read.
-                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(16 * q).cast())
-                };
+                let v = load_values(w, h, 16 * q, live, regrow);
                 bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                 let s = _mm512_maskz_and_epi32(c, v, abs);
                 _mm512_storeu_epi32(bits.as_mut_ptr().add(16 * q).cast(), s);
@@ -443,13 +464,7 @@ impl Kernels for Avx512 {
                     let live = (words[n] >> at) as u16;
                     let cand = if regrow { u16::MAX } else { live };
                     prefetch_ahead(w, h, regrow, at);
-                    let v = if regrow {
-                        let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
-                        let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
-                        _mm512_mask_blend_epi32(live, y, x)
-                    } else {
-                        _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
-                    };
+                    let v = load_values(w, h, at, live, regrow);
                     let sv = _mm512_maskz_and_epi32(cand, v, abs);
                     // A candidate is non-finite when its magnitude's bits reach those of
                     // infinity.
@@ -499,13 +514,7 @@ impl Kernels for Avx512 {
                     continue;
                 }
                 let live = (word >> at) as u16;
-                let v = if regrow {
-                    let x = _mm512_loadu_epi32(w.as_ptr().add(at).cast());
-                    let y = _mm512_loadu_epi32(h.as_ptr().add(at).cast());
-                    _mm512_mask_blend_epi32(live, y, x)
-                } else {
-                    _mm512_maskz_loadu_epi32(live, w.as_ptr().add(at).cast())
-                };
+                let v = load_values(w, h, at, live, regrow);
                 let sv = _mm512_and_si512(v, abs);
                 let t = _mm512_loadu_epi32(ts.as_ptr().add(at).cast());
                 let eq = _mm512_cmpeq_epi32_mask(sv, t);
@@ -1271,7 +1280,13 @@ pub(crate) fn column_brackets(
             });
         let columns = &scratch.columns[..used];
         if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
-            return Err(r);
+            if score_dead || !heads {
+                return Err(r);
+            }
+            // The pass stopped before it could tell whether the mask changed: look at the
+            // dead edges too, so that the first non-finite score of all is named.
+            score_dead = true;
+            continue;
         }
         let mask = columns.iter().fold(rows as u64, |f, cs| f ^ cs.parts);
         let cached = heads && *fingerprint_slot == mask;

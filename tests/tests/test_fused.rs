@@ -616,3 +616,63 @@ fn settled_column_caches_stand_in_for_the_shadow() {
     let err = refresh(&mut m1, &mut w1, &mut h1, &mut Vec::new()).unwrap_err();
     assert!(matches!(err, ActuatorError::NonFinite { .. }), "{err:?}");
 }
+
+/// A settled SP-out layer whose mask was changed elsewhere, with a non-finite shadow value at
+/// a dead edge of an early row and a non-finite weight at a live edge of a later row: the
+/// refresh names the first of the two (the shadow value), as a refresh from scratch does.
+#[test]
+fn a_changed_mask_with_caches_names_the_first_non_finite_score() {
+    let mut r = rng(707);
+    let l = layer(&mut r, 700, 64, &[], 0);
+    let targets = vec![300u32; 64];
+    let (mut mask, mut w, mut h) = (l.mask.clone(), l.w.clone(), l.h.clone());
+    let (mut scratch, mut hints) = (ActuatorScratch::default(), Vec::new());
+    for _ in 0..3 {
+        refresh_targets(
+            Side::Columns,
+            &l.shape,
+            &mut w,
+            &mut h,
+            &targets,
+            true,
+            &mut mask,
+            &mut scratch,
+            &mut hints,
+        )
+        .unwrap();
+    }
+    // Flip a few edges elsewhere, then plant the two values.
+    let mut other = mask.clone();
+    for o in (0..700).step_by(13) {
+        other.set(o, o % 64, !mask.get(o, o % 64));
+    }
+    sync_weights(&l.shape, &mask, &other, &mut w, &mut h, false).unwrap();
+    mask = other;
+    let dead = (0..64)
+        .find(|&i| !mask.get(2, i))
+        .expect("a dead edge in row 2");
+    let live = (0..64)
+        .find(|&i| mask.get(500, i))
+        .expect("a live edge in row 500");
+    h[2 * 64 + dead] = f32::NAN;
+    w[500 * 64 + live] = f32::INFINITY;
+    let err = refresh_targets(
+        Side::Columns,
+        &l.shape,
+        &mut w,
+        &mut h,
+        &targets,
+        true,
+        &mut mask,
+        &mut scratch,
+        &mut hints,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ActuatorError::NonFinite {
+            what: "shadow".into(),
+            index: 2 * 64 + dead
+        }
+    );
+}
