@@ -229,6 +229,7 @@ impl Kernels for Portable {
     ) -> [(bool, u64, u64); N] {
         std::array::from_fn(|n| count_row(words[n], w[n], h[n], regrow, lo, hi, &mut bits[n]))
     }
+
     #[inline(always)]
     fn select_columns(
         word: u64,
@@ -775,9 +776,9 @@ pub(crate) fn row_hint_len(cols: usize) -> usize {
 }
 
 crate::multiversion! {
-    /// A fingerprint of a mask row (or a run of a mask's words), for the dead-key caches:
-    /// eight independent lanes of multiply-xor-rotate, so that the multiplies overlap (and
-    /// vectorize), folded into one word with the length.
+    /// A fingerprint of a mask row, for the dead-key caches: eight independent lanes of
+    /// multiply-xor-rotate, so that the multiplies overlap (and vectorize), folded into one
+    /// word with the length.
     fn fingerprint(words: &[u64]) -> u64 {
         const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut f = [
