@@ -17,6 +17,12 @@ use crate::shape::{check_len, check_mask, first_non_finite};
 use crate::{ActuatorError, BitMask, EdgeShape, Side};
 use rayon::prelude::*;
 
+/// SP-out gathers up to this many strips of a plain matrix in one pass over the rows...
+const MAX_GROUP: usize = 16;
+/// ... as long as their keys take at most this many (16 MiB of each worker's scratch; a
+/// strip of a 2048-row layer takes 1 MiB).
+const GROUP_KEYS: usize = 1 << 21;
+
 /// Re-selects `mask` so that slab `j` on `side` keeps its `min(targets[j], D)` strongest
 /// candidates, and moves the weights of every edge that changed state: one that dies is
 /// saved to `shadow` and zeroed, one that returns gets its shadow value back.
@@ -332,7 +338,7 @@ fn fused_columns(
     let n = workers(shape.edges());
     // The brackets, then (plain matrices) the dead-key caches.
     let (hints, caches) = hints.split_at_mut(2 * cols);
-    // A strip's keys, and the selection's scratch.
+    // A strip's keys, and the selection's scratch (more below if strips are gathered).
     ensure_keys(scratch, n, (COLUMN_BLOCK + 1) * rows);
     // 0 marks a column whose threshold is still to be selected.
     scratch.thresholds.clear();
@@ -362,6 +368,20 @@ fn fused_columns(
             .fold(0, |k, (j, &x)| k | (u64::from(kl == 1 && x != 0) << j))
     }));
     let cols_per = cols.div_ceil(n).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
+    // Strips are gathered `group` at a time in one pass over the rows: each row's read is
+    // then that many strips long (a run the hardware prefetcher follows), not one strip.
+    let strips_left = scratch
+        .kept
+        .iter()
+        .enumerate()
+        .filter(|&(i, &k)| !k & crate::mask::lanes(cols - 64 * i) != 0)
+        .count();
+    let group = if kl == 1 {
+        (GROUP_KEYS / (COLUMN_BLOCK * rows.max(1))).clamp(1, MAX_GROUP.min(strips_left.max(1)))
+    } else {
+        1
+    };
+    ensure_keys(scratch, n, (group * COLUMN_BLOCK + 1) * rows);
     // Pass 1: every column's threshold; nothing is written to the layer yet.
     let bad = {
         let (m, w, h): (&BitMask, &[f32], &[f32]) = (mask, weights, shadow);
@@ -378,32 +398,50 @@ fn fused_columns(
             .enumerate()
             .map(|(b, ((thr, hints), (keys, hist)))| {
                 let c0 = b * cols_per;
-                let mut bad = None;
-                for (s, (strip, hints)) in thr
-                    .chunks_mut(COLUMN_BLOCK)
-                    .zip(hints.chunks_mut(2 * COLUMN_BLOCK))
-                    .enumerate()
-                {
+                let mut bad: Option<usize> = None;
+                // The strips still to be gathered, `group` at a time: `(first column, width,
+                // columns needed)`.
+                let mut pending = [(0usize, 0usize, 0u64); MAX_GROUP];
+                let mut len = 0;
+                let n_strips = thr.len().div_ceil(COLUMN_BLOCK);
+                for s in 0..n_strips {
                     let s0 = c0 + s * COLUMN_BLOCK;
-                    let need = !kept[s0 / 64] & crate::mask::lanes(strip.len());
-                    if need == 0 {
+                    let width = COLUMN_BLOCK.min(thr.len() - s * COLUMN_BLOCK);
+                    let need = !kept[s0 / 64] & crate::mask::lanes(width);
+                    if need != 0 {
+                        pending[len] = (s0, width, need);
+                        len += 1;
+                    }
+                    if len == 0 || (len < group && s + 1 < n_strips) {
                         continue;
                     }
-                    if let Some(r) = gather_strip_fused(
+                    let strips = &pending[..len];
+                    len = 0;
+                    if let Some(r) = gather_strips_fused(
                         w,
                         h,
                         m.words(),
                         (rows, cols, kl, wpr),
-                        (s0, strip.len(), need),
+                        strips,
                         regrow,
                         keys,
                     ) {
-                        bad = Some(bad.map_or(r, |x: usize| x.min(r)));
+                        bad = Some(bad.map_or(r, |x| x.min(r)));
                         continue;
                     }
-                    let (keys, tmp) = keys.split_at_mut(COLUMN_BLOCK * rows);
-                    let targets = &targets[s0..s0 + strip.len()];
-                    strip_thresholds(keys, rows, targets, hist, tmp, hints, strip);
+                    let (keys, tmp) = keys.split_at_mut(strips.len() * COLUMN_BLOCK * rows);
+                    for (i, &(s0, width, _)) in strips.iter().enumerate() {
+                        let (l0, l1) = (s0 - c0, s0 - c0 + width);
+                        strip_thresholds(
+                            &keys[i * COLUMN_BLOCK * rows..],
+                            rows,
+                            &targets[s0..s0 + width],
+                            hist,
+                            tmp,
+                            &mut hints[2 * l0..2 * l1],
+                            &mut thr[l0..l1],
+                        );
+                    }
                 }
                 bad
             })
@@ -483,59 +521,68 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
-    /// Keys of the `width` columns starting at `s0` (a multiple of 64), column-major into
-    /// `keys`, for at least the columns in `need` (`strip = (s0, width, need)`); returns the
-    /// first row with a non-finite score, if any. Plain matrices read only the 16-column
-    /// quarters of the rows that hold a needed column (the others' values were counted, and
-    /// checked, in `crate::flat::column_brackets`).
+    /// Keys of the strips `strips` (each `(first column, a multiple of 64; width; columns
+    /// needed)`), column-major into `keys` (strip `i` from `i * COLUMN_BLOCK * rows`), for at
+    /// least each strip's needed columns; returns the first row with a non-finite score, if
+    /// any. Plain matrices read only the 16-column quarters of the rows that hold a needed
+    /// column (the others' values were counted, and checked, in
+    /// `crate::flat::column_brackets`), every strip of a block of rows before the next block.
     #[allow(clippy::too_many_arguments)]
-    fn gather_strip_fused(
+    fn gather_strips_fused(
         w: &[f32],
         h: &[f32],
         words: &[u64],
         dims: (usize, usize, usize, usize),
-        strip: (usize, usize, u64),
+        strips: &[(usize, usize, u64)],
         regrow: bool,
         keys: &mut [u64],
     ) -> Option<usize> {
         let (rows, cols, kl, wpr) = dims;
-        let (s0, width, need) = strip;
         let rl = cols * kl;
+        let stride = COLUMN_BLOCK * rows;
         if kl == 1 {
             // Blocks of rows: each row's keys are built in one vector loop into a small tile,
             // then written column by column, a run of consecutive keys per column.
-            const TR: usize = 16;
-            let mut tile = [[0u64; 64]; TR];
-            // The 16-column quarters that hold a needed column.
-            let quarters = (0..width.div_ceil(16))
-                .map(|q| 16 * q..(16 * q + 16).min(width))
-                .filter(|q| (need >> q.start) as u16 != 0);
+            const TR: usize = 8;
+            let mut tiles = [[[0u64; 64]; TR]; MAX_GROUP];
+            // The 16-column quarters of a strip that hold a needed column.
+            let quarters = |width: usize, need: u64| {
+                (0..width.div_ceil(16))
+                    .map(move |q| 16 * q..(16 * q + 16).min(width))
+                    .filter(move |q| (need >> q.start) as u16 != 0)
+            };
             let mut r0 = 0;
             while r0 < rows {
                 let n = TR.min(rows - r0);
-                let mut bad = None;
-                for (i, t) in tile.iter_mut().enumerate().take(n) {
+                let mut bad: Option<usize> = None;
+                for i in 0..n {
                     let r = r0 + i;
-                    let word = words[r * wpr + s0 / 64];
-                    let (wc, hc) = (&w[r * rl + s0..r * rl + s0 + width], &h[r * rl + s0..r * rl + s0 + width]);
-                    for q in quarters.clone() {
-                        let (a, b) = (q.start, q.end);
-                        if !keys_word(word >> a, &wc[a..b], &hc[a..b], a, regrow, &mut t[a..b]) {
-                            bad.get_or_insert(r);
-                        }
-                        for k in &mut t[a..b] {
-                            *k = by_row(*k, r);
+                    for (tile, &(s0, width, need)) in tiles.iter_mut().zip(strips) {
+                        let t = &mut tile[i];
+                        let word = words[r * wpr + s0 / 64];
+                        let (wc, hc) = (&w[r * rl + s0..r * rl + s0 + width], &h[r * rl + s0..r * rl + s0 + width]);
+                        for q in quarters(width, need) {
+                            let (a, b) = (q.start, q.end);
+                            if !keys_word(word >> a, &wc[a..b], &hc[a..b], a, regrow, &mut t[a..b]) {
+                                bad.get_or_insert(r);
+                            }
+                            for k in &mut t[a..b] {
+                                *k = by_row(*k, r);
+                            }
                         }
                     }
                 }
                 if bad.is_some() {
                     return bad;
                 }
-                for q in quarters.clone() {
-                    for j in q {
-                        let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            *d = tile[i][j];
+                for (si, (tile, &(_, width, need))) in tiles.iter().zip(strips).enumerate() {
+                    let keys = &mut keys[si * stride..(si + 1) * stride];
+                    for q in quarters(width, need) {
+                        for j in q {
+                            let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = tile[i][j];
+                            }
                         }
                     }
                 }
@@ -543,19 +590,22 @@ crate::multiversion! {
             }
             return None;
         }
-        for r in 0..rows {
-            let word = words[r * wpr + s0 / 64];
-            let wr = &w[r * rl..(r + 1) * rl];
-            let hr = if regrow { &h[r * rl..(r + 1) * rl] } else { wr };
-            let mut finite = true;
-            for j in 0..width {
-                let live = (word >> j) & 1 == 1;
-                let v = score(kl, live, wr, hr, s0 + j);
-                finite &= v.is_finite() | !(live | regrow);
-                keys[j * rows + r] = edge_key(v, r, live, regrow);
-            }
-            if !finite {
-                return Some(r);
+        for (si, &(s0, width, _)) in strips.iter().enumerate() {
+            let keys = &mut keys[si * stride..(si + 1) * stride];
+            for r in 0..rows {
+                let word = words[r * wpr + s0 / 64];
+                let wr = &w[r * rl..(r + 1) * rl];
+                let hr = if regrow { &h[r * rl..(r + 1) * rl] } else { wr };
+                let mut finite = true;
+                for j in 0..width {
+                    let live = (word >> j) & 1 == 1;
+                    let v = score(kl, live, wr, hr, s0 + j);
+                    finite &= v.is_finite() | !(live | regrow);
+                    keys[j * rows + r] = edge_key(v, r, live, regrow);
+                }
+                if !finite {
+                    return Some(r);
+                }
             }
         }
         None

@@ -201,6 +201,31 @@ fn non_finite_values_are_named_and_bad_rows_left_alone() {
     );
 }
 
+/// SP-out names the first row's non-finite value when several columns, rows and workers meet
+/// one: the columns are gathered a group of strips at a time, a block of rows at a time.
+#[test]
+fn columns_name_the_first_of_many_non_finite_values() {
+    let mut r = rng(29);
+    // Two workers of 2048 columns each (32 strips: two groups of 16).
+    let mut l = layer(&mut r, 16, 4096, &[], 0);
+    // (row, column): rows 9 and 10 in one block of one group, row 12 in the next group of the
+    // same worker, row 11 in the other worker; row 9 is the first.
+    for (o, i) in [(10, 300), (9, 100), (12, 1100), (11, 2100)] {
+        l.mask.set(o, i, true);
+        l.w[o * 4096 + i] = f32::NAN;
+    }
+    let (b, st) = fused(&l, Side::Columns, &vec![5u32; 4096], true);
+    assert_eq!(
+        st.unwrap_err(),
+        ActuatorError::NonFinite {
+            what: "weights".into(),
+            index: 9 * 4096 + 100
+        }
+    );
+    assert!(b.mask == l.mask);
+    assert_eq!(bits(&b.w), bits(&l.w));
+}
+
 /// Without regrowth dead edges are not candidates: a non-finite shadow value of a dead edge
 /// is not an error (the refresh equals the one with that value finite, which equals the
 /// separate steps), while a non-finite live weight still is, and with regrowth the same
