@@ -501,15 +501,16 @@ pub fn train<D: Device<f32>>(
 pub struct StepReport {
     /// Mean cross-entropy of the batch (before the update).
     pub loss: f32,
-    /// The weight gradients the optimizer applied (dead edges zeroed), `[out, in]` per layer.
-    pub applied_grad_w: Vec<Vec<f32>>,
+    /// The weight gradients of the batch, `[out, in]` per layer, dead edges included (the
+    /// update takes theirs as zero).
+    pub grad_w: Vec<Vec<f32>>,
     /// The refresh that ran after this step, if any.
     pub refresh: Option<RefreshReport>,
 }
 
 /// One training step on a batch: forward + backward, the pruner observes the activations of
-/// that forward pass, dead edges' gradients are zeroed, the optimizer updates the host
-/// parameters, the pruner counts the step (refreshing on schedule, which edits the weights in
+/// that forward pass, the optimizer updates the host parameters (taking dead edges'
+/// gradients as zero), the pruner counts the step (refreshing on schedule, which edits the weights in
 /// place), the mask is re-applied, the SP-in factors are set, and the device tensors are
 /// updated in place.
 pub fn train_step<D: Device<f32>>(
@@ -523,7 +524,7 @@ pub fn train_step<D: Device<f32>>(
 ) -> Result<StepReport> {
     let widths = model.widths().to_vec();
     let n_layers = widths.len() - 1;
-    let mut out = match pruner.as_deref_mut() {
+    let out = match pruner.as_deref_mut() {
         // the pruner observes the activations while the backward pass runs
         Some(p) => model.train_step_observed(x, y, batch, |hidden| {
             p.observe("input", Activations::batch_major(x, batch, widths[0]))?;
@@ -537,21 +538,17 @@ pub fn train_step<D: Device<f32>>(
         })?,
         None => model.train_step_with(x, y, batch, false)?,
     };
-    let dense_grads = match pruner.as_deref() {
-        Some(p) if p.needs_gradients() => Some(out.grad_w.clone()),
-        _ => None,
-    };
     {
-        // The update zeroes the dead edges' gradients and values in the same pass (the
-        // pruner's `mask_gradients` and `apply_mask` in one).
+        // The update takes the dead edges' gradients as zero and zeroes their values in the
+        // same pass (the pruner's `mask_gradients` and `apply_mask` in one).
         let (hw, hb) = model.host_params_mut();
         let mut params: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
         for (w, b) in hw.iter_mut().zip(hb.iter_mut()) {
             params.push(w);
             params.push(b);
         }
-        let mut grads: Vec<&mut [f32]> = Vec::with_capacity(2 * n_layers);
-        for (w, b) in out.grad_w.iter_mut().zip(out.grad_b.iter_mut()) {
+        let mut grads: Vec<&[f32]> = Vec::with_capacity(2 * n_layers);
+        for (w, b) in out.grad_w.iter().zip(&out.grad_b) {
             grads.push(w);
             grads.push(b);
         }
@@ -577,12 +574,9 @@ pub fn train_step<D: Device<f32>>(
                 let live: Vec<Option<&BitMask>> = (0..n_layers)
                     .flat_map(|l| [Some(p.mask(l)), None])
                     .collect();
-                opt.update_masked(&mut params, &mut grads, lr, &live);
+                opt.update_masked(&mut params, &grads, lr, &live);
             }
-            None => {
-                let grads: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
-                opt.update(&mut params, &grads, lr);
-            }
+            None => opt.update(&mut params, &grads, lr),
         }
     }
     let mut refresh = None;
@@ -590,9 +584,10 @@ pub fn train_step<D: Device<f32>>(
         let (hw, _) = model.host_params_mut();
         {
             let mut ws: Vec<&mut [f32]> = hw.iter_mut().map(|w| w.as_mut_slice()).collect();
-            let gs: Option<Vec<&[f32]>> = dense_grads
-                .as_ref()
-                .map(|g| g.iter().map(|v| v.as_slice()).collect());
+            // The update left the gradients as they were: dense, dead edges included.
+            let gs: Option<Vec<&[f32]>> = p
+                .needs_gradients()
+                .then(|| out.grad_w.iter().map(|v| v.as_slice()).collect());
             refresh = p.step(&mut ws, gs.as_deref())?;
         }
         if refresh.is_some() {
@@ -609,7 +604,7 @@ pub fn train_step<D: Device<f32>>(
     model.sync_to_device();
     Ok(StepReport {
         loss: out.loss,
-        applied_grad_w: out.grad_w,
+        grad_w: out.grad_w,
         refresh,
     })
 }
