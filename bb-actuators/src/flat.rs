@@ -25,7 +25,8 @@
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
 use crate::select::{
-    bracket_around, bracket_center, select_below, threshold_key_preserving, Histogram, SMALL_SLAB,
+    bracket_after, bracket_around, bracket_center, select_below, threshold_key_preserving,
+    Histogram, SMALL_SLAB,
 };
 use crate::SyncStats;
 use rayon::prelude::*;
@@ -1374,7 +1375,7 @@ pub(crate) fn column_brackets(
                 }
                 let guess = bracket_center([hint[0], hint[1]]);
                 *t = pick_near(&mut tmp[..len], k - above_hi, guess, hist);
-                hint.copy_from_slice(&bracket_around(*t));
+                hint.copy_from_slice(&bracket_after([hint[0], hint[1]], *t));
                 // Dead edges from the cache that come back join `pre` below (the counted
                 // keys are those of live edges: with the caches only live edges are scored).
                 for &key in dead.iter().filter(|&&key| key >= *t) {

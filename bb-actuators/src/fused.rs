@@ -577,12 +577,14 @@ crate::multiversion! {
                 }
                 for (si, (tile, &(_, width, need))) in tiles.iter().zip(strips).enumerate() {
                     let keys = &mut keys[si * stride..(si + 1) * stride];
-                    for q in quarters(width, need) {
-                        for j in q {
-                            let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
-                            for (i, d) in dst.iter_mut().enumerate() {
-                                *d = tile[i][j];
-                            }
+                    // Only the needed columns' keys are written (and later selected).
+                    let mut left = need & crate::mask::lanes(width);
+                    while left != 0 {
+                        let j = left.trailing_zeros() as usize;
+                        left &= left - 1;
+                        let dst = &mut keys[j * rows + r0..j * rows + r0 + n];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = tile[i][j];
                         }
                     }
                 }

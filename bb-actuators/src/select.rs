@@ -172,9 +172,9 @@ pub fn threshold_key_preserving(
 /// [`threshold_key_preserving`] that first tries `bracket`, a key range remembered from the
 /// slab's previous selection: when the `k`-th largest key still lies in it, two counting
 /// passes and the keys inside it are all the work. Otherwise it selects from scratch. Either
-/// way `bracket` is then set around the new threshold (a small relative margin on its score),
-/// and the result is the same as without a bracket: any bracket, `[0, 0]` included, is
-/// valid input.
+/// way `bracket` is then set around the new threshold (a relative margin on its score that
+/// grows with how far the threshold moved, see [`bracket_after`]), and the result is the
+/// same as without a bracket: any bracket, `[0, 0]` included, is valid input.
 #[inline(always)]
 pub fn threshold_key_bracketed(
     keys: &[u64],
@@ -187,7 +187,7 @@ pub fn threshold_key_bracketed(
         Some(t) => t,
         None => threshold_key_preserving(keys, k, hist, tmp),
     };
-    *bracket = bracket_around(thr);
+    *bracket = bracket_after(*bracket, thr);
     thr
 }
 
@@ -196,14 +196,22 @@ pub fn threshold_key_bracketed(
 /// halves, so that "key at or above an end" depends on the score alone.
 #[inline(always)]
 pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
+    bracket_with(thr, MARGIN_MIN)
+}
+
+/// A bracket's margin either side of its threshold's score, in score bits: at least about
+/// 1.5 % of the score (the score's bits count 2^23 steps per doubling, so 2^17 of them are a
+/// relative step of 2^-6 at any magnitude) ...
+const MARGIN_MIN: u64 = 1 << 17;
+/// ... and at most about 12 %.
+const MARGIN_MAX: u64 = 1 << 20;
+
+#[inline(always)]
+fn bracket_with(thr: u64, margin: u64) -> [u64; 2] {
     if thr <= 1 || thr == u64::MAX {
         [0, 0]
     } else {
-        // About 1.5 % of the score either side: the score's bits count 2^23 steps per
-        // doubling, so 2^17 of them are a relative step of 2^-6 at any magnitude.
-        // (`bracket_center` inverts this.)
         let score = thr >> 32;
-        let margin = 1u64 << 17;
         [
             (score.saturating_sub(margin) << 32).max(1),
             (score + margin + 1) << 32,
@@ -211,11 +219,40 @@ pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
     }
 }
 
-/// The lowest key with the score of the threshold a bracket from [`bracket_around`] was
-/// built around (0 for no bracket).
+/// The bracket remembered around threshold key `thr` after a selection that had bracket
+/// `old`: its margin twice the distance the threshold's score moved from `old`'s centre or
+/// half `old`'s margin, whichever is more, within [`MARGIN_MIN`]..=[`MARGIN_MAX`] (the
+/// least without an old bracket). Thresholds that move between refreshes, as they do in
+/// training, then tend to stay in their brackets, at the price of more keys inside them;
+/// steady ones return to narrow brackets.
 #[inline(always)]
-pub(crate) fn bracket_center([_, hi]: [u64; 2]) -> u64 {
-    ((hi >> 32).saturating_sub((1 << 17) + 1)) << 32
+pub(crate) fn bracket_after(old: [u64; 2], thr: u64) -> [u64; 2] {
+    let center = bracket_center(old) >> 32;
+    let margin = if center == 0 {
+        MARGIN_MIN
+    } else {
+        let old_margin = (old[1] >> 32).saturating_sub(old[0] >> 32) / 2;
+        (2 * (thr >> 32).abs_diff(center))
+            .max(old_margin / 2)
+            .clamp(MARGIN_MIN, MARGIN_MAX)
+    };
+    bracket_with(thr, margin)
+}
+
+/// The lowest key with the score of the threshold a bracket from [`bracket_around`] or
+/// [`bracket_after`] was built around (0 for no bracket).
+#[inline(always)]
+pub(crate) fn bracket_center([lo, hi]: [u64; 2]) -> u64 {
+    let (lo, hi) = (lo >> 32, hi >> 32);
+    if hi == 0 {
+        0
+    } else if lo == 0 {
+        // The low end was cut at zero: taken as the least margin (a guess; no selection's
+        // result depends on it).
+        hi.saturating_sub(MARGIN_MIN + 1) << 32
+    } else {
+        ((lo + hi) / 2) << 32
+    }
 }
 
 /// The threshold if the `k`-th largest key lies in `lo..hi`.
@@ -332,4 +369,48 @@ pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>) -> Vec<usize>
         .filter(|&(i, &s)| key_of(s, i) >= thr)
         .map(|(i, _)| i)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn margin([lo, hi]: [u64; 2]) -> u64 {
+        ((hi >> 32) - (lo >> 32) - 1) / 2
+    }
+
+    /// Brackets widen to twice a threshold's move, hold a repeat of that move, shrink by half
+    /// while the threshold stays put, and keep within their bounds.
+    #[test]
+    fn brackets_follow_how_far_thresholds_move() {
+        let key = |score: u64| (score << 32) | 77;
+        let s = 0x3f00_0000u64; // a score far from zero
+                                // No old bracket: the least margin, as `bracket_around`.
+        let b = bracket_after([0, 0], key(s));
+        assert_eq!(b, bracket_around(key(s)));
+        assert_eq!(margin(b), MARGIN_MIN);
+        assert_eq!(bracket_center(b), s << 32);
+        // A move of 3 * 2^17 score bits: the margin is twice that, and the same move again
+        // stays inside.
+        let d = 3 * MARGIN_MIN;
+        let b = bracket_after(b, key(s + d));
+        assert_eq!(margin(b), 2 * d);
+        assert_eq!(bracket_center(b), (s + d) << 32);
+        assert!(b[0] <= key(s + 2 * d) && key(s + 2 * d) < b[1]);
+        assert!(b[0] <= key(s) && key(s) < b[1]);
+        // Standing still: half the margin each time, down to the least.
+        let b = bracket_after(b, key(s + d));
+        assert_eq!(margin(b), d);
+        let mut b = b;
+        for _ in 0..8 {
+            b = bracket_after(b, key(s + d));
+        }
+        assert_eq!(margin(b), MARGIN_MIN);
+        // A huge move: the most.
+        let b = bracket_after(b, key(s + 100 * MARGIN_MAX));
+        assert_eq!(margin(b), MARGIN_MAX);
+        // Select-nothing and select-everything thresholds have no bracket.
+        assert_eq!(bracket_after(b, u64::MAX), [0, 0]);
+        assert_eq!(bracket_after(b, 1), [0, 0]);
+    }
 }
