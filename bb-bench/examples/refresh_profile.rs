@@ -7,7 +7,7 @@
 //! against the streaming pass after each drift.
 
 use bb_actuators::{refresh_targets, ActuatorScratch, BitMask, Side};
-use bb_bench::{median_time, random_vec, refresh_pruner, stream_sum};
+use bb_bench::{drift_times, median_time, random_vec, refresh_pruner, stream_sum};
 use bb_core::EdgeShape;
 
 fn main() {
@@ -22,36 +22,17 @@ fn main() {
     };
     let drift: f32 = a.get(6).map_or(0.0, |s| s.parse().expect("DRIFT"));
     let shape = EdgeShape::conv(out, inp, &kernel);
-    let mut w = random_vec(7, shape.weight_len());
-    let mut p = refresh_pruner(&shape, act, true, true);
     if drift > 0.0 {
-        let f: Vec<f32> = random_vec(9, w.len())
-            .iter()
-            .map(|u| 1.0 + drift * u)
-            .collect();
-        p.refresh(&mut [&mut w[..]], None).expect("refresh");
-        let (mut t, mut fl, mut churn) = (Vec::new(), Vec::new(), 0.0);
-        for i in 0..iters.max(1) {
-            for (x, y) in w.iter_mut().zip(&f) {
-                *x = if i % 2 == 0 { *x * y } else { *x / y };
-            }
-            let s = std::time::Instant::now();
-            let r = p.refresh(&mut [&mut w[..]], None).expect("refresh");
-            t.push(s.elapsed().as_secs_f64() * 1e3);
-            churn += r.layers[0].churn / iters.max(1) as f64;
-            let s = std::time::Instant::now();
-            std::hint::black_box(stream_sum(&w));
-            fl.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-        t.sort_by(f64::total_cmp);
-        fl.sort_by(f64::total_cmp);
-        let (per, floor) = (t[t.len() / 2], fl[fl.len() / 2]);
+        let (per, floor, churn) = drift_times(&shape, act, drift, iters);
+        let (per, floor) = (per.as_secs_f64() * 1e3, floor.as_secs_f64() * 1e3);
         println!(
             "{act} {out}x{inp}, drift {drift}: {per:.3} ms per refresh, streaming pass {floor:.3} ms, ratio {:.2}, mean churn {churn:.2e}",
             per / floor
         );
         return;
     }
+    let mut w = random_vec(7, shape.weight_len());
+    let mut p = refresh_pruner(&shape, act, true, true);
     let per = median_time(iters, || {
         std::hint::black_box(p.refresh(&mut [&mut w[..]], None).expect("refresh"));
     })

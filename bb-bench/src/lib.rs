@@ -184,6 +184,80 @@ pub fn refresh_rows(shapes: &[EdgeShape], iters: usize) -> Vec<Row> {
     rows
 }
 
+/// Weights that move between refreshes, as in training: every weight has its own factor in
+/// `1 ± drift` (seeded), applied on even calls `i` and undone on odd ones.
+#[derive(Debug, Clone)]
+pub struct Drift {
+    factors: Vec<f32>,
+}
+
+impl Drift {
+    /// Factors for `n` weights.
+    pub fn new(n: usize, drift: f32) -> Self {
+        let factors = random_vec(9, n).iter().map(|u| 1.0 + drift * u).collect();
+        Drift { factors }
+    }
+
+    /// Moves `w` (the `i`-th time).
+    pub fn apply(&self, w: &mut [f32], i: usize) {
+        for (x, f) in w.iter_mut().zip(&self.factors) {
+            *x = if i.is_multiple_of(2) { *x * f } else { *x / f };
+        }
+    }
+}
+
+/// Median time of a refresh (the balance policy at density 0.5, regrowth on) of one plain
+/// layer whose weights drift by `drift` before each refresh (untimed), and of the streaming
+/// pass over them timed after each refresh; also the mean churn of the refreshes.
+pub fn drift_times(
+    shape: &EdgeShape,
+    actuator: &str,
+    drift: f32,
+    iters: usize,
+) -> (Duration, Duration, f64) {
+    let mut w = random_vec(7, shape.weight_len());
+    let mut p = refresh_pruner(shape, actuator, true, true);
+    let d = Drift::new(w.len(), drift);
+    // The first refresh prunes from the dense start; the drift starts from its mask.
+    p.refresh(&mut [&mut w[..]], None).expect("refresh");
+    let (mut t, mut fl, mut churn) = (Vec::new(), Vec::new(), 0.0);
+    for i in 0..iters.max(1) {
+        d.apply(&mut w, i);
+        let s = Instant::now();
+        let r = p.refresh(&mut [&mut w[..]], None).expect("refresh");
+        t.push(s.elapsed());
+        churn += r.layers[0].churn / iters.max(1) as f64;
+        let s = Instant::now();
+        black_box(stream_sum(&w));
+        fl.push(s.elapsed());
+    }
+    t.sort();
+    fl.sort();
+    (t[t.len() / 2], fl[fl.len() / 2], churn)
+}
+
+/// [`drift_times`] of SP-in and SP-out as report rows.
+pub fn drift_rows(shape: &EdgeShape, drift: f32, iters: usize) -> Vec<Row> {
+    ["sp_in", "sp_out"]
+        .iter()
+        .map(|actuator| {
+            let (t, floor, churn) = drift_times(shape, actuator, drift, iters);
+            Row {
+                section: "refresh",
+                case: format!(
+                    "{}x{} {actuator} regrow=true matched, weights drifting {}% between refreshes (churn {churn:.1e})",
+                    shape.out,
+                    shape.inp,
+                    drift * 100.0
+                ),
+                time: t,
+                reference: floor,
+                ratio_label: "x floor",
+            }
+        })
+        .collect()
+}
+
 /// Activity observation (EMA update) against the streaming floor of the activations.
 pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, usize)) -> Vec<Row> {
     let mut rows = Vec::new();

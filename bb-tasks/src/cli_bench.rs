@@ -1,6 +1,7 @@
 //! `bb bench`: the benchmark report — every number a ratio measured in one run.
 //!
-//! * refresh and activity observation against one streaming pass over the same data;
+//! * refresh (of still weights, and of weights drifting between refreshes as in training) and
+//!   activity observation against one streaming pass over the same data;
 //! * compacted (sparse) inference against the dense layer;
 //! * training-step overhead of BB against dense training of the same model.
 
@@ -8,7 +9,7 @@ use crate::model::Mlp;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::trainer::train_step;
 use anyhow::{Context, Result};
-use bb_bench::{markdown, observe_rows, random_vec, refresh_rows, sparse_rows, Row};
+use bb_bench::{drift_rows, markdown, observe_rows, random_vec, refresh_rows, sparse_rows, Row};
 use bb_core::{EdgeShape, Pruner, PrunerConfig};
 use clap::Args;
 use dfdx::prelude::Cpu;
@@ -151,6 +152,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         eprintln!("bb bench: refresh ...");
         rows.extend(refresh_rows(&shapes, if q { 2 } else { 7 }));
+        // Weights that move between refreshes, as in training.
+        rows.extend(if q {
+            drift_rows(&EdgeShape::dense(256, 256), 0.05, 2)
+        } else {
+            drift_rows(&EdgeShape::dense(2048, 2048), 0.05, 15)
+        });
     }
     if wanted(args, "observe") {
         eprintln!("bb bench: observe ...");
