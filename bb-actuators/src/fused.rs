@@ -376,8 +376,14 @@ fn fused_columns(
         .enumerate()
         .filter(|&(i, &k)| !k & crate::mask::lanes(cols - 64 * i) != 0)
         .count();
+    // Layers with kernel dims gather every column; when each worker's columns fit one group,
+    // their keys all stay in the scratch after the selection, and the rebuild reads them
+    // instead of summing every kernel again.
+    let keep_keys = kl > 1 && cols_per / COLUMN_BLOCK <= MAX_GROUP;
     let group = if kl == 1 {
         (GROUP_KEYS / (COLUMN_BLOCK * rows.max(1))).clamp(1, MAX_GROUP.min(strips_left.max(1)))
+    } else if keep_keys {
+        cols_per / COLUMN_BLOCK
     } else {
         1
     };
@@ -485,8 +491,10 @@ fn fused_columns(
         crate::flat::seal_column_caches(caches, rows, parts, regrow);
         return Ok(st);
     }
+    let kept_keys: &[Vec<u64>] = if keep_keys { &scratch.keys[..n] } else { &[] };
     Ok(blocks(&|r0, words, w, h| {
-        let st = rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, words, w, h);
+        let keys = (kept_keys, cols_per, rows);
+        let st = rebuild_rows_fused(cols, kl, wpr, r0, regrow, thresholds, keys, words, w, h);
         (st, 0)
     })
     .0)
@@ -616,7 +624,9 @@ crate::multiversion! {
 
 crate::multiversion! {
     /// Rebuilds rows `r0..` of a layer with kernel dims from per-column threshold keys and
-    /// moves their weights (plain matrices go to `flat.rs`).
+    /// moves their weights (plain matrices go to `flat.rs`). `keys = (per worker, columns per
+    /// worker, rows)`: the edges' keys as the selection gathered them (column-major over each
+    /// worker's columns), or no workers to score the edges again.
     #[allow(clippy::too_many_arguments)]
     fn rebuild_rows_fused(
         cols: usize,
@@ -625,6 +635,7 @@ crate::multiversion! {
         r0: usize,
         regrow: bool,
         thresholds: &[u64],
+        keys: (&[Vec<u64>], usize, usize),
         words: &mut [u64],
         w: &mut [f32],
         h: &mut [f32],
@@ -644,9 +655,15 @@ crate::multiversion! {
                 let old = *ow;
                 let mut bits = 0u64;
                 let dead: &[f32] = if regrow { hr } else { wr };
+                let (kept, cols_per, rows) = keys;
                 for (b, &thr) in thresholds[lo..hi].iter().enumerate() {
-                    let live = (old >> b) & 1 == 1;
-                    let key = edge_key(score(kl, live, wr, dead, lo + b), r, live, regrow);
+                    let c = lo + b;
+                    let key = if kept.is_empty() {
+                        let live = (old >> b) & 1 == 1;
+                        edge_key(score(kl, live, wr, dead, c), r, live, regrow)
+                    } else {
+                        kept[c / cols_per][(c % cols_per) * rows + r]
+                    };
                     bits |= u64::from(key >= thr) << b;
                 }
                 let off = lo * kl;

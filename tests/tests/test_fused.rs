@@ -157,6 +157,34 @@ fn long_rows_and_columns_equal_the_three_steps() {
     }
 }
 
+/// Layers with kernel dims large enough for several workers: SP-out's rebuild reads the keys
+/// its selection gathered when each worker's columns fit one group of strips (40x1000: 8
+/// strips a worker) and scores the edges again otherwise (20x2200: 18 strips a worker).
+#[test]
+fn kernel_layers_over_several_workers_equal_the_three_steps() {
+    let mut r = rng(83);
+    for (out, inp) in [(40usize, 1000usize), (20, 2200)] {
+        let l = layer(&mut r, out, inp, &[3, 2], 0);
+        for (side, regrow) in [
+            (Side::Columns, true),
+            (Side::Columns, false),
+            (Side::Rows, true),
+        ] {
+            let d = l.shape.slab_len(side) as u32;
+            let targets: Vec<u32> = (0..l.shape.slabs(side))
+                .map(|_| r.gen_range(0..=d))
+                .collect();
+            let (a, sa) = separate(&l, side, &targets, regrow);
+            let (b, sb) = fused(&l, side, &targets, regrow);
+            let what = format!("{out}x{inp} {side:?} regrow={regrow}");
+            assert_eq!(sb.unwrap(), sa, "{what}");
+            assert!(a.mask == b.mask, "{what}");
+            assert_eq!(bits(&a.w), bits(&b.w), "{what}");
+            assert_eq!(bits(&a.h), bits(&b.h), "{what}");
+        }
+    }
+}
+
 /// A non-finite value is named. Columns: nothing changes. Rows: the bad row is left as it
 /// was, the others are refreshed as usual.
 #[test]
