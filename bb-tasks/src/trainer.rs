@@ -510,9 +510,9 @@ pub struct StepReport {
 
 /// One training step on a batch: forward + backward, the pruner observes the activations of
 /// that forward pass, the optimizer updates the host parameters (taking dead edges'
-/// gradients as zero), the pruner counts the step (refreshing on schedule, which edits the weights in
-/// place), the mask is re-applied, the SP-in factors are set, and the device tensors are
-/// updated in place.
+/// gradients as zero), the pruner counts the step (refreshing on schedule, which edits the
+/// weights in place), the mask is re-applied, the SP-in factors are set, and the device
+/// tensors are updated in place.
 pub fn train_step<D: Device<f32>>(
     model: &mut Mlp<D>,
     opt: &mut Optimizer,
