@@ -107,6 +107,24 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// A random target in `0..=D` for every slab of `side`.
+fn random_targets(r: &mut ChaCha8Rng, l: &Layer, side: Side) -> Vec<u32> {
+    let d = l.shape.slab_len(side) as u32;
+    (0..l.shape.slabs(side))
+        .map(|_| r.gen_range(0..=d))
+        .collect()
+}
+
+/// The fused refresh of `l` equals the three separate steps: stats, mask, weights and shadow.
+fn assert_fused_equals_separate(l: &Layer, side: Side, targets: &[u32], regrow: bool, what: &str) {
+    let (a, sa) = separate(l, side, targets, regrow);
+    let (b, sb) = fused(l, side, targets, regrow);
+    assert_eq!(sb.unwrap(), sa, "{what}");
+    assert!(a.mask == b.mask, "{what}");
+    assert_eq!(bits(&a.w), bits(&b.w), "{what}");
+    assert_eq!(bits(&a.h), bits(&b.h), "{what}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -143,16 +161,14 @@ fn long_rows_and_columns_equal_the_three_steps() {
         let mut r = rng(40 + mode as u64);
         let l = layer(&mut r, 24, 3000, &[], mode);
         for side in [Side::Rows, Side::Columns] {
-            let d = l.shape.slab_len(side) as u32;
-            let targets: Vec<u32> = (0..l.shape.slabs(side))
-                .map(|_| r.gen_range(0..=d))
-                .collect();
-            let (a, sa) = separate(&l, side, &targets, regrow);
-            let (b, sb) = fused(&l, side, &targets, regrow);
-            assert_eq!(sb.unwrap(), sa, "mode {mode} {side:?}");
-            assert!(a.mask == b.mask, "mode {mode} {side:?}");
-            assert_eq!(bits(&a.w), bits(&b.w), "mode {mode} {side:?}");
-            assert_eq!(bits(&a.h), bits(&b.h), "mode {mode} {side:?}");
+            let targets = random_targets(&mut r, &l, side);
+            assert_fused_equals_separate(
+                &l,
+                side,
+                &targets,
+                regrow,
+                &format!("mode {mode} {side:?}"),
+            );
         }
     }
 }
@@ -170,17 +186,9 @@ fn kernel_layers_over_several_workers_equal_the_three_steps() {
             (Side::Columns, false),
             (Side::Rows, true),
         ] {
-            let d = l.shape.slab_len(side) as u32;
-            let targets: Vec<u32> = (0..l.shape.slabs(side))
-                .map(|_| r.gen_range(0..=d))
-                .collect();
-            let (a, sa) = separate(&l, side, &targets, regrow);
-            let (b, sb) = fused(&l, side, &targets, regrow);
+            let targets = random_targets(&mut r, &l, side);
             let what = format!("{out}x{inp} {side:?} regrow={regrow}");
-            assert_eq!(sb.unwrap(), sa, "{what}");
-            assert!(a.mask == b.mask, "{what}");
-            assert_eq!(bits(&a.w), bits(&b.w), "{what}");
-            assert_eq!(bits(&a.h), bits(&b.h), "{what}");
+            assert_fused_equals_separate(&l, side, &targets, regrow, &what);
         }
     }
 }
@@ -287,10 +295,7 @@ fn without_regrowth_dead_shadow_values_are_not_read() {
             bad.h[(o * inp + i) * kl + n % kl] = v;
         }
         for side in [Side::Rows, Side::Columns] {
-            let d = l.shape.slab_len(side) as u32;
-            let targets: Vec<u32> = (0..l.shape.slabs(side))
-                .map(|_| r.gen_range(0..=d))
-                .collect();
+            let targets = random_targets(&mut r, &l, side);
             let (a, sa) = separate(&l, side, &targets, false);
             let (b, sb) = fused(&bad, side, &targets, false);
             let what = format!("{out}x{inp} {kernel:?} {side:?}");
