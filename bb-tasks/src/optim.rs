@@ -214,7 +214,8 @@ impl Optimizer {
     /// Every element is updated independently with the same float operations in the same
     /// order, so the result does not depend on how the work is split: large parameters are
     /// updated in parallel chunks (rayon), and the loops are written so the compiler can
-    /// vectorize them (`sqrt` and `/` are exactly rounded in SIMD too).
+    /// vectorize them (`sqrt` and `/` are exactly rounded in SIMD too); Adam on a CPU with
+    /// AVX-512F runs the vector code of [`Optimizer::update_masked`], with every value live.
     pub fn update(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]], lr: f32) {
         assert_eq!(
             params.len(),
@@ -228,18 +229,22 @@ impl Optimizer {
         );
         self.step += 1;
         let rule = self.rule(lr);
+        let avx512 = has_avx512f();
         for (i, p) in params.iter_mut().enumerate() {
             let g = grads[i];
             check_lengths(i, p, g, &self.m[i]);
             let a = &mut self.m[i];
+            let chunk = |p: &mut [f32], a: &mut [f32], b: &mut [f32], g: &[f32]| {
+                plain_chunk(&rule, p, a, b, g, avx512)
+            };
             match self.v.get_mut(i) {
-                Some(b) => for_chunks4(p, a, b, g, |p, a, b, g| plain_chunk(&rule, p, a, b, g)),
-                None if p.len() < PAR_CHUNK => plain_chunk(&rule, p, a, &mut [], g),
+                Some(b) => for_chunks4(p, a, b, g, chunk),
+                None if p.len() < PAR_CHUNK => chunk(p, a, &mut [], g),
                 None => p
                     .par_chunks_mut(PAR_CHUNK)
                     .zip(a.par_chunks_mut(PAR_CHUNK))
                     .zip(g.par_chunks(PAR_CHUNK))
-                    .for_each(|((p, a), g)| plain_chunk(&rule, p, a, &mut [], g)),
+                    .for_each(|((p, a), g)| chunk(p, a, &mut [], g)),
             }
         }
     }
@@ -252,8 +257,9 @@ impl Optimizer {
     ///
     /// The result is bit-identical to zeroing the dead gradients, calling
     /// [`Optimizer::update`] and zeroing the dead values, but it is one pass over the memory
-    /// instead of three: words of the mask with every value live run the plain loop, the
-    /// others the same loop with the values ANDed with the word's lane masks.
+    /// instead of three: each mask word's values go through the update with the word's bits
+    /// as lane masks (Adam on a CPU with AVX-512F), or words with every value live run the
+    /// plain loop and the others the same loop with the values ANDed with the lane masks.
     ///
     /// Panics, like [`Optimizer::update`], if the counts or lengths do not match the
     /// parameters the optimizer was made for.
@@ -407,26 +413,29 @@ impl AdamStep {
         }
     }
 
-    /// [`Self::apply_lanes`] on one whole mask word (64 values), in four 512-bit vectors whose
-    /// lane masks are the word's 16-bit quarters. The same IEEE operations in the same order
-    /// as [`Self::one`] (separate multiplies and adds, exact square root and division), so the
-    /// same bits; written out because the compiler's version of the lane loop costs about a
-    /// tenth more than the unmasked update.
+    /// [`Self::apply_lanes`] on the first `n` (at most 64) values of the slices with the lane
+    /// masks of `word`, in 512-bit vectors of 16 values whose lane masks are the word's 16-bit
+    /// quarters (the last quarter loaded and stored under a mask when `n` is not a multiple of
+    /// 16). The same IEEE operations in the same order as [`Self::one`] (separate multiplies
+    /// and adds, exact square root and division), so the same bits; written out because the
+    /// compiler's version of the lane loop costs more than the unmasked update, and used for
+    /// the unmasked update too (`word` all ones) so both run the same code.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; every slice must hold at least 64 values.
+    /// The CPU must support AVX-512F; every slice must hold at least `n` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn apply_word_avx512(
+    unsafe fn apply_avx512(
         &self,
         p: &mut [f32],
         m: &mut [f32],
         v: &mut [f32],
         g: &[f32],
+        n: usize,
         word: u64,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(p.len() >= 64 && m.len() >= 64 && v.len() >= 64 && g.len() >= 64);
+        debug_assert!(n <= 64 && p.len() >= n && m.len() >= n && v.len() >= n && g.len() >= n);
         let k = *self;
         let (b1, b2) = (_mm512_set1_ps(k.beta1), _mm512_set1_ps(k.beta2));
         let (ob1, ob2) = (
@@ -435,29 +444,83 @@ impl AdamStep {
         );
         let (wd, step) = (_mm512_set1_ps(k.weight_decay), _mm512_set1_ps(k.step_size));
         let (c, eps) = (_mm512_set1_ps(k.inv_sqrt_bc2), _mm512_set1_ps(k.eps));
-        for q in 0..4 {
+        let new = |pq: __m512, mq: __m512, vq: __m512, gq: __m512| {
+            let gj = _mm512_add_ps(gq, _mm512_mul_ps(wd, pq));
+            let mq = _mm512_add_ps(_mm512_mul_ps(b1, mq), _mm512_mul_ps(ob1, gj));
+            let vq = _mm512_add_ps(
+                _mm512_mul_ps(b2, vq),
+                _mm512_mul_ps(_mm512_mul_ps(ob2, gj), gj),
+            );
+            let d = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vq), c), eps);
+            (
+                _mm512_sub_ps(pq, _mm512_div_ps(_mm512_mul_ps(step, mq), d)),
+                mq,
+                vq,
+            )
+        };
+        for q in 0..n.div_ceil(16) {
             let live = (word >> (16 * q)) as u16;
-            // SAFETY: the 16 values at 16 * q lie inside each slice (the caller's contract).
+            // SAFETY: the values 16 * q .. min(16 * q + 16, n) lie inside each slice (the
+            // caller's contract); a partial quarter is loaded and stored under its mask.
             unsafe {
                 let (pp, mp) = (p.as_mut_ptr().add(16 * q), m.as_mut_ptr().add(16 * q));
                 let (vp, gp) = (v.as_mut_ptr().add(16 * q), g.as_ptr().add(16 * q));
-                let gq = _mm512_maskz_loadu_ps(live, gp);
-                let pq = _mm512_loadu_ps(pp);
-                let gj = _mm512_add_ps(gq, _mm512_mul_ps(wd, pq));
-                let mq = _mm512_add_ps(
-                    _mm512_mul_ps(b1, _mm512_loadu_ps(mp)),
-                    _mm512_mul_ps(ob1, gj),
-                );
-                let vq = _mm512_add_ps(
-                    _mm512_mul_ps(b2, _mm512_loadu_ps(vp)),
-                    _mm512_mul_ps(_mm512_mul_ps(ob2, gj), gj),
-                );
-                let d = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vq), c), eps);
-                let pn = _mm512_sub_ps(pq, _mm512_div_ps(_mm512_mul_ps(step, mq), d));
-                _mm512_storeu_ps(mp, mq);
-                _mm512_storeu_ps(vp, vq);
-                _mm512_storeu_ps(pp, _mm512_maskz_mov_ps(live, pn));
+                if n - 16 * q >= 16 {
+                    let gq = _mm512_maskz_loadu_ps(live, gp);
+                    let (pq, mq, vq) = (
+                        _mm512_loadu_ps(pp),
+                        _mm512_loadu_ps(mp),
+                        _mm512_loadu_ps(vp),
+                    );
+                    let (pn, mq, vq) = new(pq, mq, vq, gq);
+                    _mm512_storeu_ps(mp, mq);
+                    _mm512_storeu_ps(vp, vq);
+                    _mm512_storeu_ps(pp, _mm512_maskz_mov_ps(live, pn));
+                } else {
+                    let inside = ((1u32 << (n - 16 * q)) - 1) as u16;
+                    let gq = _mm512_maskz_loadu_ps(live & inside, gp);
+                    let (pq, mq, vq) = (
+                        _mm512_maskz_loadu_ps(inside, pp),
+                        _mm512_maskz_loadu_ps(inside, mp),
+                        _mm512_maskz_loadu_ps(inside, vp),
+                    );
+                    let (pn, mq, vq) = new(pq, mq, vq, gq);
+                    _mm512_mask_storeu_ps(mp, inside, mq);
+                    _mm512_mask_storeu_ps(vp, inside, vq);
+                    _mm512_mask_storeu_ps(pp, inside, _mm512_maskz_mov_ps(live, pn));
+                }
             }
+        }
+    }
+
+    /// [`Self::apply_avx512`] on `range` (at most 64 values) of the slices.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn word_avx512(
+        &self,
+        range: Range<usize>,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        word: u64,
+    ) {
+        let n = range.len();
+        assert!(n <= 64, "a word holds at most 64 values");
+        // SAFETY: the CPU has AVX-512F (the caller's contract); the ranges' bounds are
+        // checked by the slicing.
+        unsafe {
+            self.apply_avx512(
+                &mut p[range.clone()],
+                &mut m[range.clone()],
+                &mut v[range.clone()],
+                &g[range],
+                n,
+                word,
+            )
         }
     }
 }
@@ -513,9 +576,29 @@ enum Rule {
 }
 
 impl Rule {
-    /// The update of `p[range]` with its state (`b` is empty for SGD), every value live.
+    /// The update of `p[range]` with its state (`b` is empty for SGD), every value live
+    /// (Adam's whole runs of 64 values with the AVX-512 code of the masked update if `avx512`,
+    /// which says the CPU has it, so that masked and unmasked updates run the same code).
     #[inline(always)]
-    fn plain(&self, r: Range<usize>, p: &mut [f32], a: &mut [f32], b: &mut [f32], g: &[f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn plain(
+        &self,
+        r: Range<usize>,
+        p: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+        g: &[f32],
+        avx512: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Rule::Adam(k), true) = (self, avx512) {
+            for lo in r.clone().step_by(64) {
+                // SAFETY: `avx512` says the CPU has AVX-512F.
+                unsafe { k.word_avx512(lo..(lo + 64).min(r.end), p, a, b, g, u64::MAX) };
+            }
+            return;
+        }
+        let _ = avx512;
         match self {
             Rule::Adam(k) => k.apply(
                 &mut p[r.clone()],
@@ -528,7 +611,8 @@ impl Rule {
     }
 
     /// The update of `p[range]` (at most 64 values) with the gradients and values ANDed with
-    /// the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask is
+    /// the lane masks of the mask word `word`: Adam's with [`AdamStep::apply_avx512`] if
+    /// `avx512` says the CPU has AVX-512F, otherwise in halves of 32 lanes (each lane's mask
     /// computed from its bit in the vector loop).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -544,18 +628,9 @@ impl Rule {
     ) {
         let (start, n) = (range.start, range.len());
         #[cfg(target_arch = "x86_64")]
-        if let (Rule::Adam(k), 64, true) = (self, n, avx512) {
-            let r = start..start + 64;
-            // SAFETY: `avx512` says the CPU has AVX-512F; each range holds 64 values.
-            return unsafe {
-                k.apply_word_avx512(
-                    &mut p[r.clone()],
-                    &mut a[r.clone()],
-                    &mut b[r.clone()],
-                    &g[r],
-                    word,
-                )
-            };
+        if let (Rule::Adam(k), true) = (self, avx512) {
+            // SAFETY: `avx512` says the CPU has AVX-512F.
+            return unsafe { k.word_avx512(range, p, a, b, g, word) };
         }
         let _ = avx512;
         for h in 0..n.div_ceil(32) {
@@ -615,7 +690,7 @@ fn masked_update(
         .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g, avx512));
 }
 
-/// Whether the CPU has AVX-512F (for [`AdamStep::apply_word_avx512`]).
+/// Whether the CPU has AVX-512F (for [`AdamStep::apply_avx512`]).
 fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -628,9 +703,10 @@ fn has_avx512f() -> bool {
 }
 
 bb_actuators::multiversion! {
-    /// The masked update of whole rows `row0..` held in `p` (and the matching state): runs of
-    /// mask words with every value live take the plain loop, the other words the lane loop
-    /// (Adam's whole words the AVX-512 one if `avx512`, which says the CPU has it).
+    /// The masked update of whole rows `row0..` held in `p` (and the matching state): Adam on
+    /// a CPU with AVX-512F (`avx512`) takes every word through [`AdamStep::apply_avx512`];
+    /// otherwise runs of mask words with every value live take the plain loop and the other
+    /// words the lane loop.
     #[allow(clippy::too_many_arguments)]
     fn masked_rows(
         rule: &Rule,
@@ -643,10 +719,25 @@ bb_actuators::multiversion! {
         avx512: bool,
     ) {
         let Some(mask) = mask else {
-            return rule.plain(0..p.len(), p, a, b, g);
+            return rule.plain(0..p.len(), p, a, b, g, avx512);
         };
         let cols = mask.cols();
         if cols == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Rule::Adam(k), true) = (rule, avx512) {
+            // Every word through the vector update, live or not: a word's lane masks cost
+            // nothing there, and one loop without a branch per word is faster than switching
+            // between it and the plain loop.
+            for r in 0..p.len() / cols {
+                let start = r * cols;
+                for (wi, &w) in mask.row_words(row0 + r).iter().enumerate() {
+                    let lo = start + wi * 64;
+                    // SAFETY: `avx512` says the CPU has AVX-512F.
+                    unsafe { k.word_avx512(lo..(lo + 64).min(start + cols), p, a, b, g, w) };
+                }
+            }
             return;
         }
         let mut run = 0; // start of the pending run of live values
@@ -660,22 +751,29 @@ bb_actuators::multiversion! {
                 }
                 let lo = start + wi * 64;
                 if run < lo {
-                    rule.plain(run..lo, p, a, b, g);
+                    rule.plain(run..lo, p, a, b, g, avx512);
                 }
                 rule.lanes(lo..lo + n, p, a, b, g, w, avx512);
                 run = lo + n;
             }
         }
         if run < p.len() {
-            rule.plain(run..p.len(), p, a, b, g);
+            rule.plain(run..p.len(), p, a, b, g, avx512);
         }
     }
 }
 
 bb_actuators::multiversion! {
     /// [`Rule::plain`] over whole slices (`b` empty for SGD).
-    fn plain_chunk(rule: &Rule, p: &mut [f32], a: &mut [f32], b: &mut [f32], g: &[f32]) {
-        rule.plain(0..p.len(), p, a, b, g);
+    fn plain_chunk(
+        rule: &Rule,
+        p: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+        g: &[f32],
+        avx512: bool,
+    ) {
+        rule.plain(0..p.len(), p, a, b, g, avx512);
     }
 }
 
@@ -726,6 +824,89 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("momentum"), "{e}");
+    }
+
+    /// The vector code of `update` and `update_masked` gives, bit for bit, the scalar rule of
+    /// one value at a time: lengths with whole words, partial 16-value quarters, a lone value
+    /// and parallel chunks; masks with dead values and every value live.
+    #[test]
+    fn vector_updates_equal_the_scalar_rule() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let cfg = OptimizerConfig::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-3,
+        };
+        let shapes = [(1, 1), (3, 7), (5, 64), (4, 100), (2, 199), (40, 2000)];
+        let sizes: Vec<usize> = shapes.iter().map(|&(a, b)| a * b).collect();
+        let masks: Vec<BitMask> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(rows, cols))| {
+                let mut m = BitMask::full(rows, cols);
+                for row in 0..rows {
+                    for c in 0..cols {
+                        m.set(row, c, i % 2 == 0 || r.gen_bool(0.6));
+                    }
+                }
+                m
+            })
+            .collect();
+        let mut opt = Optimizer::new(cfg, &sizes);
+        let mut masked = Optimizer::new(cfg, &sizes);
+        let mut scalar = Optimizer::new(cfg, &sizes);
+        let mut scalar_masked = Optimizer::new(cfg, &sizes);
+        let mut p: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
+            .collect();
+        let (mut pm, mut ps, mut psm) = (p.clone(), p.clone(), p.clone());
+        for step in 0..3 {
+            let grads: Vec<Vec<f32>> = sizes
+                .iter()
+                .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
+                .collect();
+            let gs: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
+            let mut refs: Vec<&mut [f32]> = p.iter_mut().map(|v| v.as_mut_slice()).collect();
+            opt.update(&mut refs, &gs, 0.01);
+            let live: Vec<Option<&BitMask>> = masks.iter().map(Some).collect();
+            let mut refs: Vec<&mut [f32]> = pm.iter_mut().map(|v| v.as_mut_slice()).collect();
+            masked.update_masked(&mut refs, &gs, 0.01, &live);
+            // the scalar rule, and the scalar rule with dead gradients and values zeroed
+            scalar.step += 1;
+            scalar_masked.step += 1;
+            let Rule::Adam(k) = scalar.rule(0.01) else {
+                unreachable!("Adam")
+            };
+            for l in 0..sizes.len() {
+                let cols = masks[l].cols();
+                for j in 0..sizes[l] {
+                    let (m, v) = (&mut scalar.m[l][j], &mut scalar.v[l][j]);
+                    k.one(&mut ps[l][j], m, v, grads[l][j]);
+                    let live = masks[l].get(j / cols, j % cols);
+                    let (m, v) = (&mut scalar_masked.m[l][j], &mut scalar_masked.v[l][j]);
+                    k.one(&mut psm[l][j], m, v, if live { grads[l][j] } else { 0.0 });
+                    if !live {
+                        psm[l][j] = 0.0;
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&p[l]), bits(&ps[l]), "step {step} parameter {l}");
+                assert_eq!(
+                    bits(&pm[l]),
+                    bits(&psm[l]),
+                    "masked: step {step} parameter {l}"
+                );
+            }
+            assert_eq!(opt.state_buffers(), scalar.state_buffers(), "step {step}");
+            assert_eq!(
+                masked.state_buffers(),
+                scalar_masked.state_buffers(),
+                "masked: step {step}"
+            );
+        }
     }
 
     /// `update_masked` gives bit for bit what zeroing the dead gradients, `update` and
