@@ -54,6 +54,27 @@ pub fn paired_median_times<S>(
     (a[a.len() / 2], b[b.len() / 2])
 }
 
+/// The `q` quantile (0 to 1, nearest rank) of `v`, which must not be empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut t = v.to_vec();
+    t.sort_by(f64::total_cmp);
+    t[((t.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize]
+}
+
+/// The ratios `a[i] / b[i]` of times measured side by side (round `i` of each), and their
+/// median and quartiles: the ratio of two arms that slow changes of a shared machine's speed
+/// disturb less than the ratio of the arms' medians.
+pub fn paired_ratios(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
+    assert!(
+        !a.is_empty() && a.len() == b.len(),
+        "paired_ratios: {} and {} rounds",
+        a.len(),
+        b.len()
+    );
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    (quantile(&r, 0.5), quantile(&r, 0.25), quantile(&r, 0.75))
+}
+
 /// One streaming pass over `data` (parallel, several accumulators): the physical floor of
 /// any kernel that must read it once.
 pub fn stream_sum(data: &[f32]) -> f32 {
@@ -90,11 +111,19 @@ pub struct Row {
     pub reference: Duration,
     /// How the ratio reads (`x floor` or `x faster than dense`).
     pub ratio_label: &'static str,
+    /// The ratio where it was measured directly rather than from the two times (training:
+    /// the median over rounds of the ratio of two blocks of steps run side by side, which
+    /// slow changes of the machine's speed disturb less than the ratio of two medians).
+    pub paired_ratio: Option<f64>,
 }
 
 impl Row {
-    /// `time / reference` for floors, `reference / time` for speed-ups.
+    /// `time / reference` for floors, `reference / time` for speed-ups, or the ratio
+    /// measured directly ([`Row::paired_ratio`]) where there is one.
     pub fn ratio(&self) -> f64 {
+        if let Some(r) = self.paired_ratio {
+            return r;
+        }
         let (t, r) = (self.time.as_secs_f64(), self.reference.as_secs_f64());
         if self.section == "sparse" {
             r / t
@@ -176,6 +205,7 @@ pub fn refresh_rows(shapes: &[EdgeShape], iters: usize) -> Vec<Row> {
                         time: t,
                         reference: floor,
                         ratio_label: "x floor",
+                        paired_ratio: None,
                     });
                 }
             }
@@ -253,6 +283,7 @@ pub fn drift_rows(shape: &EdgeShape, drift: f32, iters: usize) -> Vec<Row> {
                 time: t,
                 reference: floor,
                 ratio_label: "x floor",
+                paired_ratio: None,
             }
         })
         .collect()
@@ -288,6 +319,7 @@ pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, us
         time: t,
         reference: f,
         ratio_label: "x floor",
+        paired_ratio: None,
     });
     let (cb, cu, pos) = conv;
     let x = random_vec(4, cb * cu * pos);
@@ -316,6 +348,7 @@ pub fn observe_rows(iters: usize, conv: (usize, usize, usize), dense: (usize, us
         time: t,
         reference: f,
         ratio_label: "x floor",
+        paired_ratio: None,
     });
     rows
 }
@@ -401,6 +434,7 @@ pub fn sparse_rows(
                     time: ts,
                     reference: td,
                     ratio_label: "x faster than dense",
+                    paired_ratio: None,
                 });
             }
         }
@@ -434,4 +468,35 @@ pub fn markdown(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let v = [5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 0.25), 2.0);
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert_eq!(quantile(&v, 1.0), 5.0);
+    }
+
+    /// An arm 2 % slower than the other in every round, on a machine whose speed changes by
+    /// 3x between rounds (and a slow round of its own): the paired ratio is 1.02, while the
+    /// ratio of the medians is thrown off by the single slow round.
+    #[test]
+    fn paired_ratios_cancel_the_machine_speed() {
+        let dense = [1.0, 1.0, 1.0, 3.0, 3.0];
+        let mut bb: Vec<f64> = dense.iter().map(|d| d * 1.02).collect();
+        bb[2] = 2.9;
+        let (med, q1, q3) = paired_ratios(&bb, &dense);
+        assert!(
+            (med - 1.02).abs() < 1e-12 && (q1 - 1.02).abs() < 1e-12,
+            "{med} {q1}"
+        );
+        assert!(q3 >= med);
+        assert!((quantile(&bb, 0.5) / quantile(&dense, 0.5) - 1.02).abs() > 0.01);
+    }
 }

@@ -9,7 +9,10 @@ use crate::model::Mlp;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::trainer::train_step;
 use anyhow::{Context, Result};
-use bb_bench::{drift_rows, markdown, observe_rows, random_vec, refresh_rows, sparse_rows, Row};
+use bb_bench::{
+    drift_rows, markdown, observe_rows, paired_ratios, quantile, random_vec, refresh_rows,
+    sparse_rows, Row,
+};
 use bb_core::{EdgeShape, Pruner, PrunerConfig};
 use clap::Args;
 use dfdx::prelude::Cpu;
@@ -39,8 +42,11 @@ fn wanted(args: &BenchArgs, section: &str) -> bool {
 ///
 /// The three arms live side by side and take turns in blocks of 25 steps (one refresh period,
 /// so every BB block holds exactly one refresh), in rotating order, for `blocks` rounds after a
-/// warm-up past the first refresh; each arm's step time is the median over its blocks. Taking
-/// turns that often keeps slow drifts of the machine's speed out of the ratios.
+/// warm-up past the first refresh; each arm's step time is the median over its blocks, and its
+/// ratio the median over rounds of its block's time over the dense block's time in the same
+/// round (with the quartiles of those ratios in the row's text). Taking turns that often, and
+/// comparing blocks run seconds apart, keeps slow drifts of the machine's speed out of the
+/// ratios.
 pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Vec<Row>> {
     const BLOCK: usize = 25;
     let dev = Cpu::default();
@@ -94,11 +100,8 @@ pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Ve
             times[i].push(run(i, BLOCK)?);
         }
     }
-    let median = |t: &mut Vec<f64>| {
-        t.sort_by(f64::total_cmp);
-        t[t.len() / 2]
-    };
-    let med: Vec<f64> = times.iter_mut().map(median).collect();
+    let med: Vec<f64> = times.iter().map(|t| quantile(t, 0.5)).collect();
+    let paired: Vec<(f64, f64, f64)> = times.iter().map(|t| paired_ratios(t, &times[0])).collect();
     let w = widths
         .iter()
         .map(|w| w.to_string())
@@ -110,14 +113,19 @@ pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Ve
         .map(|(i, arm)| Row {
             section: "training",
             case: format!(
-                "MLP {w}, batch {batch}, Adam, BB {} refresh/{BLOCK}: {:.0} vs dense {:.0} steps/s",
+                "MLP {w}, batch {batch}, Adam, BB {} refresh/{BLOCK}: {:.0} vs dense {:.0} \
+                 steps/s; ratio over {} rounds, quartiles {:.3}-{:.3}",
                 arm.unwrap_or("dense"),
                 1.0 / med[i + 1],
-                1.0 / med[0]
+                1.0 / med[0],
+                times[0].len(),
+                paired[i + 1].1,
+                paired[i + 1].2,
             ),
             time: std::time::Duration::from_secs_f64(med[i + 1]),
             reference: std::time::Duration::from_secs_f64(med[0]),
             ratio_label: "x dense step time",
+            paired_ratio: Some(paired[i + 1].0),
         })
         .collect())
 }
@@ -180,8 +188,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if q {
             rows.extend(training_rows(&[32, 16, 8, 4], 8, 2)?);
         } else {
-            rows.extend(training_rows(&[784, 300, 100, 10], 128, 61)?);
-            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 13)?);
+            rows.extend(training_rows(&[784, 300, 100, 10], 128, 101)?);
+            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 21)?);
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -189,7 +197,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "# bb bench\n\ncommit `{}`, {cores} cores, {} rayon threads{}. Command: `bb bench{}`.\n\n\
          Refresh and observation: ratio to one streaming pass over the same data (lower is better). \
          Sparse: speed-up of the compacted layer over the dense layer (higher is better). Training: \
-         BB step time over dense step time (lower is better).\n",
+         BB step time over dense step time, the median over rounds of blocks run side by side \
+         (lower is better).\n",
         commit(),
         rayon::current_num_threads(),
         if q { ", quick mode (not a measurement)" } else { "" },
