@@ -25,8 +25,9 @@ pub struct BenchArgs {
     /// Small sizes and few repetitions (a smoke test of the report, not a measurement).
     #[arg(long)]
     pub quick: bool,
-    /// Where to write the Markdown report.
-    #[arg(long, default_value = "results/bench.md")]
+    /// Where to write the Markdown report (`results/bench.md` keeps the notes on earlier
+    /// runs, so the report has a file of its own).
+    #[arg(long, default_value = "results/bench-latest.md")]
     pub out: PathBuf,
     /// Sections to run (refresh, observe, sparse, training); default all.
     #[arg(long, value_delimiter = ',')]
