@@ -577,8 +577,9 @@ enum Rule {
 
 impl Rule {
     /// The update of `p[range]` with its state (`b` is empty for SGD), every value live
-    /// (Adam's whole runs of 64 values with the AVX-512 code of the masked update if `avx512`,
-    /// which says the CPU has it, so that masked and unmasked updates run the same code).
+    /// (Adam's in runs of up to 64 values through the AVX-512 code of the masked update if
+    /// `avx512`, which says the CPU has it, so that masked and unmasked updates run the same
+    /// code).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn plain(
