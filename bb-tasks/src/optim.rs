@@ -612,9 +612,9 @@ impl Rule {
     }
 
     /// The update of `p[range]` (at most 64 values) with the gradients and values ANDed with
-    /// the lane masks of the mask word `word`: Adam's with [`AdamStep::apply_avx512`] if
-    /// `avx512` says the CPU has AVX-512F, otherwise in halves of 32 lanes (each lane's mask
-    /// computed from its bit in the vector loop).
+    /// the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask
+    /// computed from its bit in the vector loop). Adam on AVX-512 CPUs takes
+    /// [`AdamStep::apply_avx512`] instead (see `masked_rows`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn lanes(
@@ -625,15 +625,8 @@ impl Rule {
         b: &mut [f32],
         g: &[f32],
         word: u64,
-        avx512: bool,
     ) {
         let (start, n) = (range.start, range.len());
-        #[cfg(target_arch = "x86_64")]
-        if let (Rule::Adam(k), true) = (self, avx512) {
-            // SAFETY: `avx512` says the CPU has AVX-512F.
-            return unsafe { k.word_avx512(range, p, a, b, g, word) };
-        }
-        let _ = avx512;
         for h in 0..n.div_ceil(32) {
             let r = start + 32 * h..start + (32 * h + 32).min(n);
             let bits = (word >> (32 * h)) as u32;
@@ -754,7 +747,7 @@ bb_actuators::multiversion! {
                 if run < lo {
                     rule.plain(run..lo, p, a, b, g, avx512);
                 }
-                rule.lanes(lo..lo + n, p, a, b, g, w, avx512);
+                rule.lanes(lo..lo + n, p, a, b, g, w);
                 run = lo + n;
             }
         }
@@ -829,7 +822,8 @@ mod tests {
 
     /// The vector code of `update` and `update_masked` gives, bit for bit, the scalar rule of
     /// one value at a time: lengths with whole words, partial 16-value quarters, a lone value
-    /// and parallel chunks; masks with dead values and every value live.
+    /// and parallel chunks; masks with dead values and every value live. The portable masked
+    /// loop (CPUs without AVX-512F) is run too and gives the same.
     #[test]
     fn vector_updates_equal_the_scalar_rule() {
         use rand::{Rng, SeedableRng};
@@ -864,6 +858,8 @@ mod tests {
             .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
             .collect();
         let (mut pm, mut ps, mut psm) = (p.clone(), p.clone(), p.clone());
+        let mut pq = p.clone();
+        let mut portable = Optimizer::new(cfg, &sizes);
         for step in 0..3 {
             let grads: Vec<Vec<f32>> = sizes
                 .iter()
@@ -875,6 +871,21 @@ mod tests {
             let live: Vec<Option<&BitMask>> = masks.iter().map(Some).collect();
             let mut refs: Vec<&mut [f32]> = pm.iter_mut().map(|v| v.as_mut_slice()).collect();
             masked.update_masked(&mut refs, &gs, 0.01, &live);
+            portable.step += 1;
+            let rule = portable.rule(0.01);
+            for l in 0..sizes.len() {
+                let (m, v) = (&mut portable.m[l], &mut portable.v[l]);
+                masked_rows(
+                    &rule,
+                    Some(&masks[l]),
+                    0,
+                    &mut pq[l],
+                    m,
+                    v,
+                    &grads[l],
+                    false,
+                );
+            }
             // the scalar rule, and the scalar rule with dead gradients and values zeroed
             scalar.step += 1;
             scalar_masked.step += 1;
@@ -900,12 +911,22 @@ mod tests {
                     bits(&psm[l]),
                     "masked: step {step} parameter {l}"
                 );
+                assert_eq!(
+                    bits(&pq[l]),
+                    bits(&psm[l]),
+                    "portable: step {step} parameter {l}"
+                );
             }
             assert_eq!(opt.state_buffers(), scalar.state_buffers(), "step {step}");
             assert_eq!(
                 masked.state_buffers(),
                 scalar_masked.state_buffers(),
                 "masked: step {step}"
+            );
+            assert_eq!(
+                portable.state_buffers(),
+                scalar_masked.state_buffers(),
+                "portable: step {step}"
             );
         }
     }
