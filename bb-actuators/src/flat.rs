@@ -50,19 +50,49 @@ trait Kernels {
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
     /// Which of the word's edges have score bits `>= lo`.
     fn at_least(bits: &[u32], lo: u32) -> u64;
-    /// Columns: scores the same word of `N` rows (mask words `words`, values `w`/`h`) into
-    /// `bits` and returns for each row whether a scored value is non-finite, which columns
-    /// lie in their `lo[j]..hi[j]` and which reach their `hi[j]`. Several rows at once
-    /// share the loads of the columns' bracket ends.
-    fn count_columns<const N: usize>(
-        words: [u64; N],
-        w: [&[f32]; N],
-        h: [&[f32]; N],
+    /// Columns: [`Portable::count_columns`] on every word of `N` rows (mask words `words`,
+    /// `wpr` per row; values `w`/`h`, `cols` per row): the edges at or above their column's
+    /// bracket go to `pre` (one word per mask word), the keys inside it (rows' low key
+    /// halves `key_rows`) to `keys`. Returns whether a scored value is non-finite (the
+    /// other results are then unspecified).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn count_words<const N: usize>(
+        cols: usize,
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
         regrow: bool,
         lo: &[u32],
         hi: &[u32],
-        bits: &mut [[u32; 64]; N],
-    ) -> [(bool, u64, u64); N];
+        pre: &mut [u64],
+        key_rows: [u64; N],
+        keys: &mut Inside<'_>,
+    ) -> bool {
+        let wpr = cols.div_ceil(64);
+        let mut bits = [[0u32; 64]; N];
+        for wi in 0..wpr {
+            let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+            keys.reserve(N);
+            let got = Portable::count_columns::<N>(
+                std::array::from_fn(|n| words[n * wpr + wi]),
+                std::array::from_fn(|n| &w[n * cols + c0..n * cols + c1]),
+                std::array::from_fn(|n| &h[n * cols + c0..n * cols + c1]),
+                regrow,
+                &lo[c0..c1],
+                &hi[c0..c1],
+                &mut bits,
+            );
+            for (n, &(bad, inside, high)) in got.iter().enumerate() {
+                if bad {
+                    return true;
+                }
+                pre[n * wpr + wi] = high;
+                keys.stage(c0, inside, &bits[n], key_rows[n]);
+            }
+        }
+        false
+    }
     /// Columns: the new mask word of row `r`, each column `j` against its own threshold
     /// (score bits `ts[j]`, row `ti[j]`), for the columns in `need` (the others' bits are
     /// unspecified, and their values need not be read).
@@ -144,6 +174,25 @@ fn count_row(
 /// Plain loops, vectorized by the compiler for whatever the build targets.
 struct Portable;
 
+impl Portable {
+    /// Columns: scores the same word of `N` rows (mask words `words`, values `w`/`h`) into
+    /// `bits` and returns for each row whether a scored value is non-finite, which columns
+    /// lie in their `lo[j]..hi[j]` and which reach their `hi[j]`. Several rows at once
+    /// share the loads of the columns' bracket ends.
+    #[inline(always)]
+    fn count_columns<const N: usize>(
+        words: [u64; N],
+        w: [&[f32]; N],
+        h: [&[f32]; N],
+        regrow: bool,
+        lo: &[u32],
+        hi: &[u32],
+        bits: &mut [[u32; 64]; N],
+    ) -> [(bool, u64, u64); N] {
+        std::array::from_fn(|n| count_row(words[n], w[n], h[n], regrow, lo, hi, &mut bits[n]))
+    }
+}
+
 impl Kernels for Portable {
     #[inline(always)]
     fn score(
@@ -216,19 +265,6 @@ impl Kernels for Portable {
             m |= u64::from(x) << (32 * half);
         }
         m
-    }
-
-    #[inline(always)]
-    fn count_columns<const N: usize>(
-        words: [u64; N],
-        w: [&[f32]; N],
-        h: [&[f32]; N],
-        regrow: bool,
-        lo: &[u32],
-        hi: &[u32],
-        bits: &mut [[u32; 64]; N],
-    ) -> [(bool, u64, u64); N] {
-        std::array::from_fn(|n| count_row(words[n], w[n], h[n], regrow, lo, hi, &mut bits[n]))
     }
 
     #[inline(always)]
@@ -437,52 +473,103 @@ impl Kernels for Avx512 {
     }
 
     #[inline(always)]
-    fn count_columns<const N: usize>(
-        words: [u64; N],
-        w: [&[f32]; N],
-        h: [&[f32]; N],
+    fn count_words<const N: usize>(
+        cols: usize,
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
         regrow: bool,
         lo: &[u32],
         hi: &[u32],
-        bits: &mut [[u32; 64]; N],
-    ) -> [(bool, u64, u64); N] {
+        pre: &mut [u64],
+        key_rows: [u64; N],
+        keys: &mut Inside<'_>,
+    ) -> bool {
         use std::arch::x86_64::*;
-        if lo.len().min(hi.len()) < 64 || w.iter().chain(&h).any(|x| x.len() < 64) {
-            return Portable::count_columns(words, w, h, regrow, lo, hi, bits);
-        }
-        let mut bad = [0u16; N];
-        let (mut above, mut high) = ([[0u16; 4]; N], [[0u16; 4]; N]);
-        // SAFETY: every slice holds at least 64 values (checked above); AVX-512F and BW are
-        // the caller's contract.
+        let (wpr, full) = (cols.div_ceil(64), cols / 64);
+        let h = if regrow { h } else { w };
+        assert!(
+            words.len() >= N * wpr
+                && w.len().min(h.len()) >= N * cols
+                && lo.len().min(hi.len()) >= cols
+                && pre.len() >= N * wpr,
+            "count_words: short slices"
+        );
+        // The steps of [`Portable::count_columns`] on every whole word of the rows in one
+        // loop (no slices cut per word); a non-finite value is looked for once, at the end.
+        let mut bad = 0u16;
+        let mut bits = [[0u32; 64]; N];
+        // SAFETY: the lengths were checked above (every index below is under them:
+        // `wi < full <= wpr`, `at + 16 <= 64 * full <= cols`); AVX-512F and BW are the
+        // caller's contract. The prefetched addresses are only computed.
         unsafe {
             let exp = _mm512_set1_epi32(0x7f80_0000);
             let abs = _mm512_set1_epi32(0x7fff_ffff);
-            for q in 0..4 {
-                let at = 16 * q;
-                let l = _mm512_loadu_epi32(lo.as_ptr().add(at).cast());
-                let u = _mm512_loadu_epi32(hi.as_ptr().add(at).cast());
+            let (wp, hp) = (w.as_ptr(), h.as_ptr());
+            for wi in 0..full {
+                keys.reserve(N);
+                let (mut above, mut high) = ([[0u16; 4]; N], [[0u16; 4]; N]);
+                for q in 0..4 {
+                    let at = 64 * wi + 16 * q;
+                    let l = _mm512_loadu_epi32(lo.as_ptr().add(at).cast());
+                    let u = _mm512_loadu_epi32(hi.as_ptr().add(at).cast());
+                    for n in 0..N {
+                        let live = (*words.get_unchecked(n * wpr + wi) >> (16 * q)) as u16;
+                        let cand = if regrow { u16::MAX } else { live };
+                        let (x, y) = (wp.add(n * cols + at), hp.add(n * cols + at));
+                        _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(PREFETCH_AHEAD).cast());
+                        let v = if regrow {
+                            _mm_prefetch::<_MM_HINT_T0>(y.wrapping_add(PREFETCH_AHEAD).cast());
+                            _mm512_mask_blend_epi32(
+                                live,
+                                _mm512_loadu_epi32(y.cast()),
+                                _mm512_loadu_epi32(x.cast()),
+                            )
+                        } else {
+                            _mm512_maskz_loadu_epi32(live, x.cast())
+                        };
+                        let sv = _mm512_maskz_and_epi32(cand, v, abs);
+                        // A candidate is non-finite when its magnitude's bits reach those
+                        // of infinity.
+                        bad |= _mm512_cmpge_epu32_mask(sv, exp);
+                        _mm512_storeu_epi32(bits[n].as_mut_ptr().add(16 * q).cast(), sv);
+                        above[n][q] = _mm512_cmpge_epu32_mask(sv, l);
+                        high[n][q] = _mm512_cmpge_epu32_mask(sv, u);
+                    }
+                }
                 for n in 0..N {
-                    let (w, h) = (w[n], h[n]);
-                    let live = (words[n] >> at) as u16;
-                    let cand = if regrow { u16::MAX } else { live };
-                    prefetch_ahead(w, h, regrow, at);
-                    let v = load_values(w, h, at, live, regrow);
-                    let sv = _mm512_maskz_and_epi32(cand, v, abs);
-                    // A candidate is non-finite when its magnitude's bits reach those of
-                    // infinity.
-                    bad[n] |= _mm512_cmpge_epu32_mask(sv, exp);
-                    _mm512_storeu_epi32(bits[n].as_mut_ptr().add(at).cast(), sv);
-                    above[n][q] = _mm512_cmpge_epu32_mask(sv, l);
-                    high[n][q] = _mm512_cmpge_epu32_mask(sv, u);
+                    let (a, z) = (join(above[n]), join(high[n]));
+                    *pre.get_unchecked_mut(n * wpr + wi) = z;
+                    keys.stage(64 * wi, a & !z, &bits[n], key_rows[n]);
                 }
             }
-            let mut out = [(false, 0, 0); N];
-            for (n, o) in out.iter_mut().enumerate() {
-                let (a, z) = (join(above[n]), join(high[n]));
-                *o = (bad[n] != 0, a & !z, z);
-            }
-            out
         }
+        if bad != 0 {
+            return true;
+        }
+        if full == wpr {
+            return false;
+        }
+        // The partial last word.
+        let (c0, wi) = (64 * full, full);
+        keys.reserve(N);
+        let got = Portable::count_columns::<N>(
+            std::array::from_fn(|n| words[n * wpr + wi]),
+            std::array::from_fn(|n| &w[n * cols + c0..(n + 1) * cols]),
+            std::array::from_fn(|n| &h[n * cols + c0..(n + 1) * cols]),
+            regrow,
+            &lo[c0..cols],
+            &hi[c0..cols],
+            &mut bits,
+        );
+        for (n, &(bad, inside, high)) in got.iter().enumerate() {
+            if bad {
+                return true;
+            }
+            pre[n * wpr + wi] = high;
+            keys.stage(c0, inside, &bits[n], key_rows[n]);
+        }
+        false
     }
 
     #[inline(always)]
@@ -1027,6 +1114,121 @@ mod tests {
         }
     }
 
+    /// SP-out's counting pass puts every key inside its column's bracket on the column's
+    /// list, in row order, and in the log while the log has room (brackets around a few
+    /// scores), or says that it ran out of room (brackets around nearly all of them), with
+    /// every kernel set, with and without regrowth.
+    #[test]
+    fn inside_keys_reach_lists_and_log() {
+        let (rows, cols, r0) = (37usize, 200usize, 5usize);
+        let wpr = cols.div_ceil(64);
+        let mut s = 13u64;
+        let val = |s: &mut u64| (lcg(s) % 1000) as f32 / 1000.0 - 0.5;
+        let h: Vec<f32> = (0..rows * cols).map(|_| val(&mut s)).collect();
+        let words = random_words(&mut s, rows, cols);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let live = (words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64)) & 1;
+                if live == 1 {
+                    val(&mut s)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bits_of = |x: f32| x.to_bits() & 0x7fff_ffff;
+        for (wide, regrow) in [(false, true), (false, false), (true, true), (true, false)] {
+            let mut cut = vec![u32::MAX; 2 * cols];
+            for c in 0..cols {
+                let (lo, hi) = if wide {
+                    (1, bits_of(0.45))
+                } else {
+                    let lo = bits_of(0.1 + (lcg(&mut s) % 300) as f32 / 1000.0);
+                    (lo, lo + (1 << 18))
+                };
+                (cut[c], cut[cols + c]) = (lo, hi);
+            }
+            // The keys inside, column by column in row order; the edges above.
+            let mut want = vec![Vec::new(); cols];
+            let mut high = vec![0u64; rows * wpr];
+            for r in 0..rows {
+                for (c, list) in want.iter_mut().enumerate() {
+                    let live = (words[r * wpr + c / 64] >> (c % 64)) & 1 == 1;
+                    if !live && !regrow {
+                        continue;
+                    }
+                    let b = bits_of(if live {
+                        w[r * cols + c]
+                    } else {
+                        h[r * cols + c]
+                    });
+                    if b >= cut[cols + c] {
+                        high[r * wpr + c / 64] |= 1 << (c % 64);
+                    } else if b >= cut[c] {
+                        list.push((u64::from(b) << 32) | (u64::from(u32::MAX) - (r0 + r) as u64));
+                    }
+                }
+            }
+            let kernels: &[bool] = if has_avx512() {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &avx in kernels {
+                let mut cs = ColumnScratch::default();
+                let mut pre = vec![0u64; rows * wpr];
+                #[cfg(target_arch = "x86_64")]
+                if avx {
+                    count_columns_rows::<Avx512>(
+                        cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                    );
+                } else {
+                    count_columns_rows::<Portable>(
+                        cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                    );
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                count_columns_rows::<Portable>(
+                    cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                );
+                let case = format!("wide {wide}, regrow {regrow}, avx {avx}");
+                assert_eq!(cs.bad, None, "{case}");
+                assert_eq!(pre, high, "{case}");
+                let mut logged: Vec<(u64, u32)> = Vec::new();
+                for (c, list) in want.iter().enumerate() {
+                    assert!(list.len() <= LIST_CAP, "{case}");
+                    assert_eq!(
+                        cs.counts[cols + c] as usize,
+                        list.len(),
+                        "{case}: column {c}"
+                    );
+                    assert_eq!(
+                        cs.lists[c * LIST_CAP..][..list.len()],
+                        list[..],
+                        "{case}: column {c}"
+                    );
+                    logged.extend(list.iter().map(|&k| (k, c as u32)));
+                }
+                let total = logged.len();
+                assert!(total > 0, "{case}: no key inside");
+                match cs.logged {
+                    Some(n) => {
+                        assert!(!wide, "{case}: {total} keys cannot all be logged");
+                        let mut got: Vec<(u64, u32)> = cs.log[..n]
+                            .iter()
+                            .copied()
+                            .zip(cs.log_cols[..n].iter().copied())
+                            .collect();
+                        got.sort_unstable();
+                        logged.sort_unstable();
+                        assert_eq!(got, logged, "{case}");
+                    }
+                    None => assert!(wide, "{case}: {total} keys fit the log"),
+                }
+            }
+        }
+    }
+
     /// SP-out's two row passes (counting against brackets, rebuilding against thresholds)
     /// give the same counts, bracket keys, pre-selected words, masks, weights and shadow with
     /// the AVX-512 loops (where the CPU has them) as with the portable ones, with and without
@@ -1163,12 +1365,12 @@ pub(crate) struct ColumnScratch {
     /// Per column, the first [`LIST_CAP`] keys inside its bracket, in row order.
     lists: Vec<u64>,
     /// Every key inside its column's bracket in the order the pass met them (rows nearly in
-    /// order), and its column, while there is room (`logged` counts them all): the keys
+    /// order), and its column; `logged` of them when there was room for all: the keys
     /// that reach their column's threshold join `pre` from here, in a walk through the
     /// worker's rows rather than a jump between rows for every key.
     log: Vec<u64>,
     log_cols: Vec<u32>,
-    logged: usize,
+    logged: Option<usize>,
     /// The worker's rows' parts of the mask fingerprint (see [`row_part`]).
     parts: u64,
     /// The first row with a non-finite score.
@@ -1176,30 +1378,69 @@ pub(crate) struct ColumnScratch {
 }
 
 /// What [`count_rows`] keeps of the keys inside their brackets (see [`ColumnScratch`]).
+///
+/// The pass writes every key to the log, the first two of a word without a branch (a word
+/// nearly always has two or fewer edges inside their brackets), and the keys go on to their
+/// columns' lists in a loop of their own: a branch that the data decides and a scattered
+/// store for every key, amid the streaming pass, took about a third of the pass's time.
 struct Inside<'a> {
     lens: &'a mut [u32],
     lists: &'a mut [u64],
-    /// Room for `log.len() - 1` keys; the last slot takes the keys beyond.
+    /// The keys in the pass's order; `log[done..at]` are not on their lists yet.
     log: &'a mut [u64],
     log_cols: &'a mut [u32],
-    logged: usize,
+    at: usize,
+    done: usize,
+    /// Whether the log ran out of room (and was written over).
+    spilled: bool,
     /// The rows' parts of the mask fingerprint, joined.
     parts: u64,
 }
 
 impl Inside<'_> {
-    /// Notes key `key` of column `c`.
+    /// Makes room in the log for the keys of `n` more words.
     #[inline(always)]
-    fn push(&mut self, c: usize, key: u64) {
-        let k = self.lens[c] as usize;
-        if k < LIST_CAP {
-            self.lists[c * LIST_CAP + k] = key;
+    fn reserve(&mut self, n: usize) {
+        if self.at + 64 * n > self.log.len() {
+            self.flush();
+            (self.at, self.done, self.spilled) = (0, 0, true);
         }
-        self.lens[c] = self.lens[c].saturating_add(1);
-        let at = self.logged.min(self.log.len() - 1);
-        self.log[at] = key;
-        self.log_cols[at] = c as u32;
-        self.logged += 1;
+    }
+
+    /// Logs the keys of the edges `inside` of one word (first column `c0`, score bits
+    /// `bits`) of the row whose keys' low half is `key_row`; room was reserved.
+    #[inline(always)]
+    fn stage(&mut self, c0: usize, mut inside: u64, bits: &[u32; 64], key_row: u64) {
+        for _ in 0..2 {
+            let j = (inside.trailing_zeros() & 63) as usize;
+            self.log[self.at] = (u64::from(bits[j]) << 32) | key_row;
+            self.log_cols[self.at] = (c0 + j) as u32;
+            self.at += usize::from(inside != 0);
+            inside &= inside.wrapping_sub(1);
+        }
+        while inside != 0 {
+            let j = inside.trailing_zeros() as usize;
+            inside &= inside - 1;
+            self.log[self.at] = (u64::from(bits[j]) << 32) | key_row;
+            self.log_cols[self.at] = (c0 + j) as u32;
+            self.at += 1;
+        }
+    }
+
+    /// Puts the logged keys not yet on their columns' lists there.
+    fn flush(&mut self) {
+        for (&key, &c) in self.log[self.done..self.at]
+            .iter()
+            .zip(&self.log_cols[self.done..self.at])
+        {
+            let c = c as usize;
+            let k = self.lens[c] as usize;
+            if k < LIST_CAP {
+                self.lists[c * LIST_CAP + k] = key;
+            }
+            self.lens[c] = self.lens[c].saturating_add(1);
+        }
+        self.done = self.at;
     }
 }
 
@@ -1409,8 +1650,8 @@ pub(crate) fn column_brackets(
         .enumerate()
         .for_each(|(b, (pre, cs))| {
             let r0 = b * rows_per;
-            if cs.logged < cs.log.len() {
-                for (&key, &c) in cs.log[..cs.logged].iter().zip(&cs.log_cols[..cs.logged]) {
+            if let Some(logged) = cs.logged {
+                for (&key, &c) in cs.log[..logged].iter().zip(&cs.log_cols[..logged]) {
                     let (c, t) = (c as usize, thresholds[c as usize]);
                     let r = (u64::from(u32::MAX) - (key & u64::from(u32::MAX))) as usize;
                     pre[(r - r0) * wpr + c / 64] |= u64::from(t != 0 && key >= t) << (c % 64);
@@ -1501,8 +1742,8 @@ fn count_columns_rows<K: Kernels>(
     }
     cs.bad = None;
     // Room in the log for about 3 % of the block's edges (twice what settled brackets hold
-    // with uniform scores), and a last slot for the keys beyond.
-    let room = words.len() / wpr * cols / 32 + 1;
+    // with uniform scores), and for the words of a group of rows beyond.
+    let room = words.len() / wpr * cols / 32 + 64 * GROUP;
     cs.log.resize(room, 0);
     cs.log_cols.resize(room, 0);
     let (ch, lens) = cs.counts.split_at_mut(cols);
@@ -1511,7 +1752,9 @@ fn count_columns_rows<K: Kernels>(
         lists: &mut cs.lists,
         log: &mut cs.log,
         log_cols: &mut cs.log_cols,
-        logged: 0,
+        at: 0,
+        done: 0,
+        spilled: false,
         parts: 0,
     };
     let keys = &mut inside;
@@ -1541,7 +1784,9 @@ fn count_columns_rows<K: Kernels>(
                     count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
                 })
         });
-    (cs.logged, cs.parts) = (inside.logged, inside.parts);
+    inside.flush();
+    cs.logged = (!inside.spilled).then_some(inside.at);
+    cs.parts = inside.parts;
     if bad.is_some() {
         cs.bad = bad;
         return;
@@ -1574,46 +1819,35 @@ fn count_rows<K: Kernels, const N: usize>(
     for (n, row) in words.chunks(wpr).enumerate() {
         inside_keys.parts ^= row_part(r + n, row);
     }
-    let mut bits = [[0u32; 64]; N];
-    for wi in 0..wpr {
-        let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
-        let got = K::count_columns::<N>(
-            std::array::from_fn(|n| words[n * wpr + wi]),
-            std::array::from_fn(|n| &w[n * cols + c0..n * cols + c1]),
-            std::array::from_fn(|n| &h[n * cols + c0..n * cols + c1]),
-            regrow,
-            &lo[c0..c1],
-            &hi[c0..c1],
-            &mut bits,
-        );
-        for (n, &(bad, mut inside, high)) in got.iter().enumerate() {
-            if bad {
-                // The first bad row: an earlier row of the group may hold a non-finite
-                // score in a later word.
-                return Some(
-                    (0..N)
-                        .find(|&m| {
-                            row_non_finite(
-                                &words[m * wpr..],
-                                &w[m * cols..],
-                                &h[m * cols..],
-                                cols,
-                                regrow,
-                            )
-                        })
-                        .map_or(r + n, |m| r + m),
-                );
-            }
-            pre[n * wpr + wi] = high;
-            let key_row = u64::from(u32::MAX) - (r + n) as u64;
-            while inside != 0 {
-                let j = inside.trailing_zeros() as usize;
-                inside &= inside - 1;
-                inside_keys.push(c0 + j, (u64::from(bits[n][j]) << 32) | key_row);
-            }
-        }
+    let key_rows = std::array::from_fn(|n| u64::from(u32::MAX) - (r + n) as u64);
+    if !K::count_words::<N>(
+        cols,
+        words,
+        w,
+        h,
+        regrow,
+        lo,
+        hi,
+        pre,
+        key_rows,
+        inside_keys,
+    ) {
+        return None;
     }
-    None
+    // The first row with a non-finite score.
+    Some(
+        (0..N)
+            .find(|&m| {
+                row_non_finite(
+                    &words[m * wpr..],
+                    &w[m * cols..],
+                    &h[m * cols..],
+                    cols,
+                    regrow,
+                )
+            })
+            .map_or(r, |m| r + m),
+    )
 }
 
 /// Rows scored together by SP-out's counting pass: they share the loads of the columns'
