@@ -69,29 +69,11 @@ trait Kernels {
         key_rows: [u64; N],
         keys: &mut Inside<'_>,
     ) -> bool {
-        let wpr = cols.div_ceil(64);
         let mut bits = [[0u32; 64]; N];
-        for wi in 0..wpr {
-            let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
-            keys.reserve(N);
-            let got = Portable::count_columns::<N>(
-                std::array::from_fn(|n| words[n * wpr + wi]),
-                std::array::from_fn(|n| &w[n * cols + c0..n * cols + c1]),
-                std::array::from_fn(|n| &h[n * cols + c0..n * cols + c1]),
-                regrow,
-                &lo[c0..c1],
-                &hi[c0..c1],
-                &mut bits,
-            );
-            for (n, &(bad, inside, high)) in got.iter().enumerate() {
-                if bad {
-                    return true;
-                }
-                pre[n * wpr + wi] = high;
-                keys.stage(c0, inside, &bits[n], key_rows[n]);
-            }
-        }
-        false
+        (0..cols.div_ceil(64)).any(|wi| {
+            let cut = (lo, hi, &mut bits);
+            count_word::<N>(cols, wi, words, w, h, regrow, cut, pre, key_rows, keys)
+        })
     }
     /// Columns: the new mask word of row `r`, each column `j` against its own threshold
     /// (score bits `ts[j]`, row `ti[j]`), for the columns in `need` (the others' bits are
@@ -191,6 +173,46 @@ impl Portable {
     ) -> [(bool, u64, u64); N] {
         std::array::from_fn(|n| count_row(words[n], w[n], h[n], regrow, lo, hi, &mut bits[n]))
     }
+}
+
+/// [`Portable::count_columns`] on word `wi` of `N` rows (the columns' bracket ends and a
+/// buffer for the score bits in `cut`), the results handled as [`Kernels::count_words`]
+/// does; returns whether a scored value is non-finite.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn count_word<const N: usize>(
+    cols: usize,
+    wi: usize,
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    regrow: bool,
+    cut: (&[u32], &[u32], &mut [[u32; 64]; N]),
+    pre: &mut [u64],
+    key_rows: [u64; N],
+    keys: &mut Inside<'_>,
+) -> bool {
+    let (lo, hi, bits) = cut;
+    let wpr = cols.div_ceil(64);
+    let (c0, c1) = (wi * 64, (wi * 64 + 64).min(cols));
+    keys.reserve(N);
+    let got = Portable::count_columns::<N>(
+        std::array::from_fn(|n| words[n * wpr + wi]),
+        std::array::from_fn(|n| &w[n * cols + c0..n * cols + c1]),
+        std::array::from_fn(|n| &h[n * cols + c0..n * cols + c1]),
+        regrow,
+        &lo[c0..c1],
+        &hi[c0..c1],
+        bits,
+    );
+    for (n, &(bad, inside, high)) in got.iter().enumerate() {
+        if bad {
+            return true;
+        }
+        pre[n * wpr + wi] = high;
+        keys.stage(c0, inside, &bits[n], key_rows[n]);
+    }
+    false
 }
 
 impl Kernels for Portable {
@@ -551,25 +573,8 @@ impl Kernels for Avx512 {
             return false;
         }
         // The partial last word.
-        let (c0, wi) = (64 * full, full);
-        keys.reserve(N);
-        let got = Portable::count_columns::<N>(
-            std::array::from_fn(|n| words[n * wpr + wi]),
-            std::array::from_fn(|n| &w[n * cols + c0..(n + 1) * cols]),
-            std::array::from_fn(|n| &h[n * cols + c0..(n + 1) * cols]),
-            regrow,
-            &lo[c0..cols],
-            &hi[c0..cols],
-            &mut bits,
-        );
-        for (n, &(bad, inside, high)) in got.iter().enumerate() {
-            if bad {
-                return true;
-            }
-            pre[n * wpr + wi] = high;
-            keys.stage(c0, inside, &bits[n], key_rows[n]);
-        }
-        false
+        let cut = (lo, hi, &mut bits);
+        count_word::<N>(cols, full, words, w, h, regrow, cut, pre, key_rows, keys)
     }
 
     #[inline(always)]
