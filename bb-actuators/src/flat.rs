@@ -1384,10 +1384,11 @@ pub(crate) struct ColumnScratch {
 
 /// What [`count_rows`] keeps of the keys inside their brackets (see [`ColumnScratch`]).
 ///
-/// The pass writes every key to the log, the first two of a word without a branch (a word
-/// nearly always has two or fewer edges inside their brackets), and the keys go on to their
-/// columns' lists in a loop of their own: a branch that the data decides and a scattered
-/// store for every key, amid the streaming pass, took about a third of the pass's time.
+/// The pass writes every key to the log only, and the keys go on to their columns' lists in
+/// a loop of their own: a scattered store to a list (and its length) for every key, amid the
+/// streaming pass, took about a third of the pass's time. (Writing a word's first two keys
+/// without a branch, the log's position moving only for real ones, was slower than the
+/// plain loop.)
 struct Inside<'a> {
     lens: &'a mut [u32],
     lists: &'a mut [u64],
@@ -1416,13 +1417,6 @@ impl Inside<'_> {
     /// `bits`) of the row whose keys' low half is `key_row`; room was reserved.
     #[inline(always)]
     fn stage(&mut self, c0: usize, mut inside: u64, bits: &[u32; 64], key_row: u64) {
-        for _ in 0..2 {
-            let j = (inside.trailing_zeros() & 63) as usize;
-            self.log[self.at] = (u64::from(bits[j]) << 32) | key_row;
-            self.log_cols[self.at] = (c0 + j) as u32;
-            self.at += usize::from(inside != 0);
-            inside &= inside.wrapping_sub(1);
-        }
         while inside != 0 {
             let j = inside.trailing_zeros() as usize;
             inside &= inside - 1;
