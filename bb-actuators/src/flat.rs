@@ -1088,40 +1088,49 @@ mod tests {
     /// whichever word it lies in, with every kernel set.
     #[test]
     fn the_first_non_finite_row_is_named_in_row_order() {
-        let (rows, cols) = (20usize, 192usize);
+        let (rows, cols) = (71usize, 192usize);
         let wpr = cols.div_ceil(64);
         let words = vec![u64::MAX; rows * wpr];
-        let mut w = vec![0.25f32; rows * cols];
-        // Row 5 in the first word, row 4 (scored together with row 5) in the last, row 17
-        // in the first.
-        for (r, c) in [(5, 10), (4, 150), (17, 0)] {
-            w[r * cols + c] = f32::NAN;
-        }
         let h = vec![0.5f32; rows * cols];
         let cut: Vec<u32> = [vec![1u32; cols], vec![2u32; cols]].concat();
-        let run = |avx: bool| {
-            let mut cs = ColumnScratch::default();
-            let mut pre = vec![0u64; rows * wpr];
-            #[cfg(target_arch = "x86_64")]
-            if avx {
-                count_columns_rows::<Avx512>(
+        // Row 5 in the first word, row 4 (scored together with row 5) in the last, row 17
+        // in the first; then rows of a later chunk only (the row scored alone at the end
+        // after one in a pair).
+        for (bad, first) in [
+            (&[(5, 10), (4, 150), (17, 0)][..], 4),
+            (&[(70, 100), (47, 191)][..], 47),
+        ] {
+            let mut w = vec![0.25f32; rows * cols];
+            for &(r, c) in bad {
+                w[r * cols + c] = f32::NAN;
+            }
+            let run = |avx: bool| {
+                let mut cs = ColumnScratch::default();
+                let mut pre = vec![0u64; rows * wpr];
+                #[cfg(target_arch = "x86_64")]
+                if avx {
+                    count_columns_rows::<Avx512>(
+                        cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs,
+                    );
+                    return cs.bad;
+                }
+                let _ = avx;
+                count_columns_rows::<Portable>(
                     cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs,
                 );
-                return cs.bad;
+                cs.bad
+            };
+            assert_eq!(run(false), Some(7 + first));
+            if has_avx512() {
+                assert_eq!(run(true), Some(7 + first));
             }
-            let _ = avx;
-            count_columns_rows::<Portable>(cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs);
-            cs.bad
-        };
-        assert_eq!(run(false), Some(7 + 4));
-        if has_avx512() {
-            assert_eq!(run(true), Some(7 + 4));
         }
     }
 
     /// SP-out's counting pass puts every key inside its column's bracket on the column's
     /// list, in row order, and in the log while the log has room (brackets around a few
-    /// scores), or says that it ran out of room (brackets around nearly all of them), with
+    /// scores), or says that it ran out of room (brackets around nearly all of them), and
+    /// counts each column's edges above its bracket (over more rows than one chunk), with
     /// every kernel set, with and without regrowth.
     #[test]
     fn inside_keys_reach_lists_and_log() {
@@ -1201,6 +1210,8 @@ mod tests {
                 assert_eq!(pre, high, "{case}");
                 let mut logged: Vec<(u64, u32)> = Vec::new();
                 for (c, list) in want.iter().enumerate() {
+                    let above = (0..rows).filter(|r| (high[r * wpr + c / 64] >> (c % 64)) & 1 == 1);
+                    assert_eq!(cs.counts[c] as usize, above.count(), "{case}: column {c}");
                     assert!(list.len() <= LIST_CAP, "{case}");
                     assert_eq!(
                         cs.counts[cols + c] as usize,
@@ -1376,6 +1387,8 @@ pub(crate) struct ColumnScratch {
     log: Vec<u64>,
     log_cols: Vec<u32>,
     logged: Option<usize>,
+    /// One chunk's column sums of `pre` bits (see [`count_columns_rows`]).
+    chunk_counts: Vec<u32>,
     /// The worker's rows' parts of the mask fingerprint (see [`row_part`]).
     parts: u64,
     /// The first row with a non-finite score.
@@ -1757,44 +1770,63 @@ fn count_columns_rows<K: Kernels>(
         parts: 0,
     };
     let keys = &mut inside;
-    // Rows in groups of GROUP (the last few alone).
-    let groups = words.len() / wpr / GROUP;
-    let g = GROUP * groups;
-    let (wg, wt) = words.split_at(g * wpr);
-    let (pg, pt) = pre.split_at_mut(g * wpr);
-    let bad = wg
-        .chunks(GROUP * wpr)
-        .zip(w.chunks(GROUP * cols))
-        .zip(h.chunks(GROUP * cols))
-        .zip(pg.chunks_mut(GROUP * wpr))
-        .enumerate()
-        .find_map(|(i, (((mw, wr), hr), pw))| {
-            let r = r0 + GROUP * i;
-            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
-        })
-        .or_else(|| {
-            wt.chunks(wpr)
-                .zip(w[g * cols..].chunks(cols))
-                .zip(h[g * cols..].chunks(cols))
-                .zip(pt.chunks_mut(wpr))
-                .enumerate()
-                .find_map(|(i, (((mw, wr), hr), pw))| {
-                    let r = r0 + g + i;
-                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
-                })
-        });
+    cs.chunk_counts.resize(cols, 0);
+    let rows = words.len() / wpr;
+    // Chunks of CHUNK rows, in groups of GROUP (the last few alone); after each chunk the
+    // edges at or above their column's bracket, the bits of its `pre` words (so far), are
+    // summed per column while those words are still in cache. (A counter per column in the
+    // counting loop itself cost more: its loads and stores outweighed the loop's other work.)
+    let mut bad = None;
+    for c0 in (0..rows).step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(rows);
+        let (words, w, h) = (
+            &words[c0 * wpr..c1 * wpr],
+            &w[c0 * cols..c1 * cols],
+            &h[c0 * cols..c1 * cols],
+        );
+        let pre = &mut pre[c0 * wpr..c1 * wpr];
+        let g = GROUP * ((c1 - c0) / GROUP);
+        let (wg, wt) = words.split_at(g * wpr);
+        let (pg, pt) = pre.split_at_mut(g * wpr);
+        bad = wg
+            .chunks(GROUP * wpr)
+            .zip(w.chunks(GROUP * cols))
+            .zip(h.chunks(GROUP * cols))
+            .zip(pg.chunks_mut(GROUP * wpr))
+            .enumerate()
+            .find_map(|(i, (((mw, wr), hr), pw))| {
+                let r = r0 + c0 + GROUP * i;
+                count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
+            })
+            .or_else(|| {
+                wt.chunks(wpr)
+                    .zip(w[g * cols..].chunks(cols))
+                    .zip(h[g * cols..].chunks(cols))
+                    .zip(pt.chunks_mut(wpr))
+                    .enumerate()
+                    .find_map(|(i, (((mw, wr), hr), pw))| {
+                        let r = r0 + c0 + g + i;
+                        count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
+                    })
+            });
+        if bad.is_some() {
+            break;
+        }
+        crate::mask::col_counts(pre, wpr, 0, cols, &mut cs.chunk_counts);
+        for (n, &m) in ch.iter_mut().zip(&cs.chunk_counts) {
+            *n += m;
+        }
+    }
     inside.flush();
     cs.logged = (!inside.spilled).then_some(inside.at);
     cs.parts = inside.parts;
-    if bad.is_some() {
-        cs.bad = bad;
-        return;
-    }
-    // The edges at or above their column's bracket are the bits of `pre` (so far): their
-    // column sums, in one pass over the block's words rather than a counter per column in
-    // the loop above, whose loads and stores outweighed its other work.
-    crate::mask::col_counts(pre, wpr, 0, cols, ch);
+    cs.bad = bad;
 }
+
+/// Rows of SP-out's counting pass between two column sums of their `pre` words: few enough
+/// that the words are still in cache (the weights of 30 rows of 4096 columns are 480 KiB),
+/// a multiple of [`GROUP`] and of the 15-row runs of [`crate::mask::col_counts`].
+const CHUNK: usize = 30;
 
 /// [`count_columns_rows`] on `N` consecutive rows from row `r` (their mask words, values
 /// and `pre` words): every word scored in one call for all of them, and the keys inside
