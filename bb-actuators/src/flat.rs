@@ -51,10 +51,10 @@ trait Kernels {
     /// Which of the word's edges have score bits `>= lo`.
     fn at_least(bits: &[u32], lo: u32) -> u64;
     /// Columns: [`Portable::count_columns`] on every word of `N` rows (mask words `words`,
-    /// `wpr` per row; values `w`/`h`, `cols` per row): the edges at or above their column's
-    /// bracket go to `pre` (one word per mask word), the keys inside it (rows' low key
-    /// halves `key_rows`) to `keys`. Returns whether a scored value is non-finite (the
-    /// other results are then unspecified).
+    /// `cols.div_ceil(64)` per row; values `w`/`h`, `cols` per row): the edges at or above
+    /// their column's bracket go to `pre` (one word per mask word), the keys inside it (rows'
+    /// low key halves `key_rows`) to `keys`. Returns whether a scored value is non-finite
+    /// (the other results are then unspecified).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn count_words<const N: usize>(
