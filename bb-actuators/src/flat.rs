@@ -522,12 +522,11 @@ impl Kernels for Avx512 {
         let mut bad = 0u16;
         let mut bits = [[0u32; 64]; N];
         // SAFETY: the lengths were checked above (every index below is under them:
-        // `wi < full <= wpr`, `at + 16 <= 64 * full <= cols`); AVX-512F and BW are the
-        // caller's contract. The prefetched addresses are only computed.
+        // `wi < full <= wpr`, `at + 16 <= 64 * full <= cols`, so `load_values` has 16 values
+        // from `n * cols + at`); AVX-512F and BW are the caller's contract.
         unsafe {
             let exp = _mm512_set1_epi32(0x7f80_0000);
             let abs = _mm512_set1_epi32(0x7fff_ffff);
-            let (wp, hp) = (w.as_ptr(), h.as_ptr());
             for wi in 0..full {
                 keys.reserve(N);
                 let (mut above, mut high) = ([[0u16; 4]; N], [[0u16; 4]; N]);
@@ -538,18 +537,8 @@ impl Kernels for Avx512 {
                     for n in 0..N {
                         let live = (*words.get_unchecked(n * wpr + wi) >> (16 * q)) as u16;
                         let cand = if regrow { u16::MAX } else { live };
-                        let (x, y) = (wp.add(n * cols + at), hp.add(n * cols + at));
-                        _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(PREFETCH_AHEAD).cast());
-                        let v = if regrow {
-                            _mm_prefetch::<_MM_HINT_T0>(y.wrapping_add(PREFETCH_AHEAD).cast());
-                            _mm512_mask_blend_epi32(
-                                live,
-                                _mm512_loadu_epi32(y.cast()),
-                                _mm512_loadu_epi32(x.cast()),
-                            )
-                        } else {
-                            _mm512_maskz_loadu_epi32(live, x.cast())
-                        };
+                        prefetch_ahead(w, h, regrow, n * cols + at);
+                        let v = load_values(w, h, n * cols + at, live, regrow);
                         let sv = _mm512_maskz_and_epi32(cand, v, abs);
                         // A candidate is non-finite when its magnitude's bits reach those
                         // of infinity.
@@ -1828,9 +1817,9 @@ fn count_columns_rows<K: Kernels>(
 const CHUNK: usize = 30;
 
 /// [`count_columns_rows`] on `N` consecutive rows from row `r` (their mask words, values
-/// and `pre` words): every word scored in one call for all of them, and the keys inside
-/// the brackets appended to the columns' lists (`lens` counts them, beyond the lists'
-/// room too). Returns the first row with a non-finite score, if any.
+/// and `pre` words), all of them together ([`Kernels::count_words`]): the keys inside the
+/// brackets go to the log (see [`Inside`]). Returns the first row with a non-finite score,
+/// if any.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn count_rows<K: Kernels, const N: usize>(
