@@ -4,11 +4,13 @@
 //! the balance policy at density 0.5, refresh every 25 steps after 25 warm-up steps). It runs
 //! `WARMUP` untimed steps, then `STEPS` steps inside `timed_steps`, and prints the time per
 //! step (wall and CPU time), a hash of the parameters' bits (equal hashes: bit-identical
-//! results) and the share of subnormal numbers in the optimizer state.
+//! results) and the share of subnormal numbers in the optimizer state. The steps run on a
+//! worker of rayon's pool as in the `bb` program (`pool`, the default; see
+//! `bb_tasks::threads`) or on the main thread (`main`).
 //!
 //! ```text
 //! cargo build --release -p bb-tasks --example step_profile
-//! target/release/examples/step_profile small|wide dense|sp_in|sp_out [STEPS] [WARMUP] [keep|flush]
+//! target/release/examples/step_profile small|wide dense|sp_in|sp_out [STEPS] [WARMUP] [keep|flush] [pool|main]
 //! # instructions of the timed steps only, one thread:
 //! RAYON_NUM_THREADS=1 valgrind --tool=callgrind --toggle-collect='*timed_steps*' \
 //!     target/release/examples/step_profile small dense 50 26
@@ -107,6 +109,21 @@ fn main() -> Result<()> {
         Some("flush") => true,
         Some(o) => bail!("{o:?}: the fifth argument is keep or flush (subnormals)"),
     };
+    let on_pool = match args.get(5).map(String::as_str) {
+        None | Some("pool") => true,
+        Some("main") => false,
+        Some(o) => bail!("{o:?}: the sixth argument is pool or main (where the steps run)"),
+    };
+    let arm = arm.to_string();
+    let work = move || run(widths, &arm, steps, warmup, flush);
+    if on_pool {
+        bb_tasks::threads::on_pool(work)
+    } else {
+        work()
+    }
+}
+
+fn run(widths: Vec<usize>, arm: &str, steps: usize, warmup: usize, flush: bool) -> Result<()> {
     let batch = 128;
     let mut r = ChaCha8Rng::seed_from_u64(1);
     let classes = widths[widths.len() - 1];

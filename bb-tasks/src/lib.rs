@@ -28,4 +28,5 @@ pub mod resnet;
 pub mod speech;
 pub mod stats;
 pub mod sweep;
+pub mod threads;
 pub mod trainer;

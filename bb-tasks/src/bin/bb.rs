@@ -45,7 +45,9 @@ fn main() {
     // Subnormal numbers flushed to zero on every thread (see `bb_tasks::fpenv` for why).
     bb_tasks::fpenv::flush_subnormals_everywhere();
     let cli = Cli::parse();
-    let result = match cli.cmd {
+    // On a worker of the pool, so the parallel calls of the work need no hand-over (see
+    // `bb_tasks::threads`).
+    let result = bb_tasks::threads::on_pool(move || match cli.cmd {
         Some(Cmd::Mask(args)) => bb_tasks::cli_mask::run(&args),
         Some(Cmd::Bench(args)) => bb_tasks::cli_bench::run(&args),
         Some(Cmd::Export(args)) => bb_tasks::cli_export::run(&args),
@@ -65,7 +67,7 @@ fn main() {
         Some(Cmd::Theory(args)) => bb_tasks::cli_theory::run(&args),
         Some(Cmd::Speech(args)) => bb_tasks::speech::cli::run(&args),
         None => bb_tasks::cli_run::tour(&Default::default()),
-    };
+    });
     if let Err(e) = result {
         eprintln!("bb: error: {e:#}");
         std::process::exit(1);
