@@ -25,7 +25,7 @@
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
 use crate::select::{
-    bracket_after, bracket_around, bracket_center, select_below, threshold_key_preserving,
+    bracket_after, bracket_center, select_below, threshold_key_preserving,
     Histogram, SMALL_SLAB,
 };
 use crate::SyncStats;
@@ -699,7 +699,7 @@ fn flat_rows<K: Kernels>(
         let r = r0 + i;
         let k = targets[r] as usize;
         let hint = &mut hints[i * hl..(i + 1) * hl];
-        // The bracket's ends have zero low halves (see `bracket_around`), so for a
+        // The bracket's ends have zero low halves (see `bracket_after`), so for a
         // candidate "key >= end" is "score bits >= the end's high half". A zero lower end
         // would also count the non-candidates (bits 0): such a bracket is not used.
         let (slo, shi) = ((hint[0] >> 32) as u32, (hint[1] >> 32) as u32);
@@ -909,7 +909,8 @@ fn update_cache<K: Kernels>(
     mw: &[u64],
     bits: &[u32],
 ) {
-    let bracket = bracket_around(thr);
+    // Wider after a threshold that moved far, back to the least margin once it stays.
+    let bracket = bracket_after([hint[0], hint[1]], thr);
     let old_lo = (hint[2] >> 32) as u32;
     let old_len = (hint[2] & 0xffff) as usize;
     (hint[0], hint[1]) = (bracket[0], bracket[1]);

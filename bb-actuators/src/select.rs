@@ -191,14 +191,6 @@ pub fn threshold_key_bracketed(
     thr
 }
 
-/// The bracket remembered around threshold key `thr` (`[0, 0]`, no bracket, for the
-/// select-nothing and select-everything thresholds): a key range whose ends have zero low
-/// halves, so that "key at or above an end" depends on the score alone.
-#[inline(always)]
-pub(crate) fn bracket_around(thr: u64) -> [u64; 2] {
-    bracket_with(thr, MARGIN_MIN)
-}
-
 /// A bracket's margin either side of its threshold's score, in score bits: at least about
 /// 1.5 % of the score (the score's bits count 2^23 steps per doubling, so 2^17 of them are a
 /// relative step of 2^-6 at any magnitude) ...
@@ -206,6 +198,9 @@ const MARGIN_MIN: u64 = 1 << 17;
 /// ... and at most about 12 %.
 const MARGIN_MAX: u64 = 1 << 20;
 
+/// The bracket around threshold key `thr` with `margin` score bits either side (`[0, 0]`, no
+/// bracket, for the select-nothing and select-everything thresholds): a key range whose ends
+/// have zero low halves, so that "key at or above an end" depends on the score alone.
 #[inline(always)]
 fn bracket_with(thr: u64, margin: u64) -> [u64; 2] {
     if thr <= 1 || thr == u64::MAX {
@@ -239,8 +234,8 @@ pub(crate) fn bracket_after(old: [u64; 2], thr: u64) -> [u64; 2] {
     bracket_with(thr, margin)
 }
 
-/// The lowest key with the score of the threshold a bracket from [`bracket_around`] or
-/// [`bracket_after`] was built around (0 for no bracket).
+/// The lowest key with the score of the threshold a bracket from [`bracket_after`] was built
+/// around (0 for no bracket).
 #[inline(always)]
 pub(crate) fn bracket_center([lo, hi]: [u64; 2]) -> u64 {
     let (lo, hi) = (lo >> 32, hi >> 32);
@@ -385,9 +380,9 @@ mod tests {
     fn brackets_follow_how_far_thresholds_move() {
         let key = |score: u64| (score << 32) | 77;
         let s = 0x3f00_0000u64; // a score far from zero
-                                // No old bracket: the least margin, as `bracket_around`.
+                                // No old bracket: the least margin.
         let b = bracket_after([0, 0], key(s));
-        assert_eq!(b, bracket_around(key(s)));
+        assert_eq!(b, bracket_with(key(s), MARGIN_MIN));
         assert_eq!(margin(b), MARGIN_MIN);
         assert_eq!(bracket_center(b), s << 32);
         // A move of 3 * 2^17 score bits: the margin is twice that, and the same move again
