@@ -25,8 +25,7 @@
 use crate::actuator::{workers, ActuatorScratch};
 use crate::fused::{add, sync_row};
 use crate::select::{
-    bracket_after, bracket_center, select_below, threshold_key_preserving,
-    Histogram, SMALL_SLAB,
+    bracket_after, bracket_center, select_below, threshold_key_preserving, Histogram, SMALL_SLAB,
 };
 use crate::SyncStats;
 use rayon::prelude::*;

@@ -10,8 +10,8 @@ use crate::optim::{Optimizer, OptimizerConfig};
 use crate::trainer::train_step;
 use anyhow::{Context, Result};
 use bb_bench::{
-    drift_rows, markdown, observe_rows, paired_ratios, quantile, random_vec, refresh_rows,
-    sparse_rows, Row,
+    drift_rows, markdown, median_ci, observe_rows, paired_ratios, quantile, random_vec,
+    refresh_rows, sparse_rows, Row,
 };
 use bb_core::{EdgeShape, Pruner, PrunerConfig};
 use clap::Args;
@@ -45,7 +45,8 @@ fn wanted(args: &BenchArgs, section: &str) -> bool {
 /// so every BB block holds exactly one refresh), in rotating order, for `blocks` rounds after a
 /// warm-up past the first refresh; each arm's step time is the median over its blocks, and its
 /// ratio the median over rounds of its block's time over the dense block's time in the same
-/// round (with the quartiles of those ratios in the row's text). Taking turns that often, and
+/// round (with the quartiles of those ratios and a 95 % confidence interval of their median,
+/// see [`median_ci`], in the row's text). Taking turns that often, and
 /// comparing blocks run seconds apart, keeps slow drifts of the machine's speed out of the
 /// ratios.
 pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Vec<Row>> {
@@ -103,6 +104,13 @@ pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Ve
     }
     let med: Vec<f64> = times.iter().map(|t| quantile(t, 0.5)).collect();
     let paired: Vec<(f64, f64, f64)> = times.iter().map(|t| paired_ratios(t, &times[0])).collect();
+    let ci: Vec<(f64, f64)> = times
+        .iter()
+        .map(|t| {
+            let r: Vec<f64> = t.iter().zip(&times[0]).map(|(a, d)| a / d).collect();
+            median_ci(&r)
+        })
+        .collect();
     let w = widths
         .iter()
         .map(|w| w.to_string())
@@ -115,13 +123,16 @@ pub fn training_rows(widths: &[usize], batch: usize, blocks: usize) -> Result<Ve
             section: "training",
             case: format!(
                 "MLP {w}, batch {batch}, Adam, BB {} refresh/{BLOCK}: {:.0} vs dense {:.0} \
-                 steps/s; ratio over {} rounds, quartiles {:.3}-{:.3}",
+                 steps/s; ratio over {} rounds, quartiles {:.3}-{:.3}, 95 % interval of the \
+                 median {:.3}-{:.3}",
                 arm.unwrap_or("dense"),
                 1.0 / med[i + 1],
                 1.0 / med[0],
                 times[0].len(),
                 paired[i + 1].1,
                 paired[i + 1].2,
+                ci[i + 1].0,
+                ci[i + 1].1,
             ),
             time: std::time::Duration::from_secs_f64(med[i + 1]),
             reference: std::time::Duration::from_secs_f64(med[0]),
@@ -189,7 +200,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if q {
             rows.extend(training_rows(&[32, 16, 8, 4], 8, 2)?);
         } else {
-            rows.extend(training_rows(&[784, 300, 100, 10], 128, 101)?);
+            rows.extend(training_rows(&[784, 300, 100, 10], 128, 301)?);
             rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 61)?);
         }
     }
