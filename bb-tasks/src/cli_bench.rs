@@ -201,7 +201,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             rows.extend(training_rows(&[32, 16, 8, 4], 8, 2)?);
         } else {
             rows.extend(training_rows(&[784, 300, 100, 10], 128, 301)?);
-            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 61)?);
+            rows.extend(training_rows(&[784, 2048, 2048, 10], 128, 121)?);
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
