@@ -44,6 +44,38 @@ trait Kernels {
         hi: u32,
         bits: &mut [u32],
     ) -> WordScore;
+    /// Scores a row (mask words `words`, values `w` and `h`, `w.len()` columns) word by
+    /// word as [`Kernels::score`] does: the score bits to `bits`, each word's edges at or
+    /// above `hi` to `keys` (one word each), and the keys of the edges inside `lo..hi`
+    /// (`bits << 32 | (u32::MAX - column)`) to `tmp`, in column order. Needs `lo <= hi`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn score_row(
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+        keys: &mut [u64],
+        tmp: &mut [u64],
+    ) -> RowScore {
+        let mut rs = RowScore::default();
+        for (wi, (&word, ((bc, wc), hc))) in words
+            .iter()
+            .zip(bits.chunks_mut(64).zip(w.chunks(64)).zip(h.chunks(64)))
+            .enumerate()
+        {
+            let ws = Self::score(word, wc, hc, regrow, lo, hi, bc);
+            rs.non_finite |= ws.non_finite;
+            rs.above_lo += ws.above_lo as usize;
+            rs.above_hi += ws.above_hi as usize;
+            keys[wi] = ws.high;
+            rs.inside = log_inside(ws.inside, wi, bc, tmp, rs.inside);
+        }
+        rs
+    }
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
@@ -102,6 +134,33 @@ struct WordScore {
     high: u64,
     /// Which edges have bits in `lo..hi`.
     inside: u64,
+}
+
+/// A row's edges against a bracket `lo..hi`, from [`Kernels::score_row`].
+#[derive(Default)]
+struct RowScore {
+    /// Whether a scored value is non-finite (the other fields are then unspecified).
+    non_finite: bool,
+    /// How many score bits are `>= lo`.
+    above_lo: usize,
+    /// How many score bits are `>= hi`.
+    above_hi: usize,
+    /// How many keys inside the bracket went to the list.
+    inside: usize,
+}
+
+/// Writes the keys of word `wi`'s edges in `inside` (score bits `bc`) to `tmp` from `n`
+/// on, in column order; returns the list's new length.
+#[inline(always)]
+fn log_inside(mut inside: u64, wi: usize, bc: &[u32], tmp: &mut [u64], mut n: usize) -> usize {
+    while inside != 0 {
+        let j = inside.trailing_zeros() as usize;
+        inside &= inside - 1;
+        let c = wi * 64 + j;
+        tmp[n] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
+        n += 1;
+    }
+    n
 }
 
 /// The score bits of an edge from its live bit (all ones or zero), weight and shadow
@@ -406,6 +465,91 @@ unsafe fn join(m: [u16; 4]) -> u64 {
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
 
+/// [`Kernels::score_row`] for [`Avx512`], with regrowth (`DEAD`: dead edges are scored by
+/// their shadow values) or without, in one loop over the row's whole words (no slices cut
+/// per word). The edges inside the bracket are those at or above `lo` and not above `hi`,
+/// counted as the keys listed; a non-finite value is looked for once, at the end, in the
+/// largest score bits seen (a value's bits reach those of infinity only when it is not
+/// finite). Only called from code compiled with `avx512f` and `avx512bw`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn avx512_score_row<const DEAD: bool>(
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    lo: u32,
+    hi: u32,
+    bits: &mut [u32],
+    keys: &mut [u64],
+    tmp: &mut [u64],
+) -> RowScore {
+    use std::arch::x86_64::*;
+    debug_assert!(lo <= hi, "score_row: bracket {lo}..{hi}");
+    let cols = w.len();
+    let (wpr, full) = (cols.div_ceil(64), cols / 64);
+    // Without regrowth dead edges are not candidates: their shadow values are not read.
+    let h = if DEAD { h } else { w };
+    assert!(
+        words.len() >= wpr
+            && h.len() >= cols
+            && bits.len() >= cols
+            && keys.len() >= wpr
+            && tmp.len() >= cols,
+        "score_row: short slices"
+    );
+    let (mut above_hi, mut n) = (0usize, 0usize);
+    // SAFETY: the lengths were checked above (for `wi < full`, `at + 16 <= 64 * full <=
+    // cols`, so `load_values` has 16 values from `at` and `bits` room for 16); AVX-512F and
+    // BW are the caller's contract.
+    let top = unsafe {
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+        let mut top = _mm512_setzero_si512();
+        for wi in 0..full {
+            let word = *words.get_unchecked(wi);
+            let (mut z, mut inside) = ([0u16; 4], [0u16; 4]);
+            for q in 0..4 {
+                let at = 64 * wi + 16 * q;
+                prefetch_ahead(w, h, DEAD, at);
+                // Without regrowth the dead lanes load as zero (non-candidates' bits).
+                let v = load_values(w, h, at, (word >> (16 * q)) as u16, DEAD);
+                let sv = _mm512_and_si512(v, abs);
+                top = _mm512_max_epu32(top, sv);
+                _mm512_storeu_epi32(bits.as_mut_ptr().add(at).cast(), sv);
+                z[q] = _mm512_cmpge_epu32_mask(sv, vhi);
+                inside[q] = _mm512_cmpge_epu32_mask(sv, vlo) & !z[q];
+            }
+            let high = join(z);
+            *keys.get_unchecked_mut(wi) = high;
+            above_hi += high.count_ones() as usize;
+            let inside = join(inside);
+            if inside != 0 {
+                n = log_inside(inside, wi, &bits[64 * wi..64 * wi + 64], tmp, n);
+            }
+        }
+        top
+    };
+    // SAFETY: AVX-512F is the caller's contract.
+    let mut non_finite =
+        unsafe { _mm512_cmpge_epu32_mask(top, _mm512_set1_epi32(0x7f80_0000)) } != 0;
+    if full < wpr {
+        let at = 64 * full;
+        let bc = &mut bits[at..cols];
+        let ws = Portable::score(words[full], &w[at..], &h[at..cols], DEAD, lo, hi, bc);
+        non_finite |= ws.non_finite;
+        above_hi += ws.above_hi as usize;
+        keys[full] = ws.high;
+        n = log_inside(ws.inside, full, bc, tmp, n);
+    }
+    RowScore {
+        non_finite,
+        above_lo: above_hi + n,
+        above_hi,
+        inside: n,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 impl Kernels for Avx512 {
     #[inline(always)]
@@ -451,6 +595,25 @@ impl Kernels for Avx512 {
             above_hi: high.count_ones(),
             high,
             inside: above & !high,
+        }
+    }
+
+    #[inline(always)]
+    fn score_row(
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+        keys: &mut [u64],
+        tmp: &mut [u64],
+    ) -> RowScore {
+        if regrow {
+            avx512_score_row::<true>(words, w, h, lo, hi, bits, keys, tmp)
+        } else {
+            avx512_score_row::<false>(words, w, h, lo, hi, bits, keys, tmp)
         }
     }
 
@@ -719,32 +882,14 @@ fn flat_rows<K: Kernels>(
             && hint[3] == fingerprint(mw);
         let (mut n, mut above_lo, mut above_hi, mut non_finite);
         loop {
-            (n, above_lo, above_hi, non_finite) = (0usize, 0usize, 0usize, false);
-            // With the cache only the live edges are scored (the shadow is not read).
+            // With the cache only the live edges are scored (the shadow is not read). The
+            // words of the edges above the bracket are kept in `keys` and the keys inside it
+            // gathered, in case the threshold is still there: then every edge above it
+            // stays, and only the keys inside need a look.
             let score_dead = regrow && !use_cache;
-            // The keys inside the bracket gathered on the way, in case the threshold is
-            // still there.
-            for (wi, (&word, ((bc, wc), hc))) in mw
-                .iter()
-                .zip(bits.chunks_mut(64).zip(wr.chunks(64)).zip(hr.chunks(64)))
-                .enumerate()
-            {
-                let ws = K::score(word, wc, hc, score_dead, slo, shi, bc);
-                non_finite |= ws.non_finite;
-                above_lo += ws.above_lo as usize;
-                above_hi += ws.above_hi as usize;
-                // Kept for the case the threshold is still in the bracket: then every edge
-                // above it stays, and only the keys inside need a look.
-                keys[wi] = ws.high;
-                let mut inside = ws.inside;
-                while inside != 0 {
-                    let j = inside.trailing_zeros() as usize;
-                    inside &= inside - 1;
-                    let c = wi * 64 + j;
-                    tmp[n] = (u64::from(bc[j]) << 32) | (u64::from(u32::MAX) - c as u64);
-                    n += 1;
-                }
-            }
+            let rs = K::score_row(mw, wr, hr, score_dead, slo, shi, bits, keys, tmp);
+            (n, above_lo, above_hi, non_finite) =
+                (rs.inside, rs.above_lo, rs.above_hi, rs.non_finite);
             if non_finite {
                 break;
             }
@@ -1017,12 +1162,20 @@ mod tests {
                 _ => (lcg(&mut s) % 1000) as f32 / 1000.0 - 0.5,
             })
             .collect();
-        let h: Vec<f32> = w.iter().map(|x| x * 0.75).collect();
-        let words = random_words(&mut s, rows, cols);
+        let mut h: Vec<f32> = w.iter().map(|x| x * 0.75).collect();
+        let mut words = random_words(&mut s, rows, cols);
         for (i, x) in w.iter_mut().enumerate() {
             if words[(i / cols) * wpr + (i % cols) / 64] >> (i % cols % 64) & 1 == 0 {
                 *x = 0.0;
             }
+        }
+        // Non-finite values: a dead edge's shadow in row 2 (scored only with regrowth), live
+        // weights in row 4 (in the last, partial word) and row 6.
+        let dead = (0..cols).find(|c| words[2 * wpr + c / 64] >> (c % 64) & 1 == 0);
+        h[2 * cols + dead.expect("row 2 has a dead edge")] = f32::NAN;
+        for (r, c, x) in [(4, 999, f32::NAN), (6, 130, f32::NEG_INFINITY)] {
+            words[r * wpr + c / 64] |= 1 << (c % 64);
+            w[r * cols + c] = x;
         }
         let targets: Vec<u32> = (0..rows).map(|r| (r * 120) as u32).collect();
         let run = |avx: bool, regrow: bool| {
@@ -1063,6 +1216,8 @@ mod tests {
         let avx = has_avx512();
         for regrow in [true, false] {
             let portable = run(false, regrow);
+            let first_bad = if regrow { 2 } else { 4 };
+            assert_eq!(portable.0[0].0 .1, Some(first_bad), "regrow {regrow}");
             assert!(
                 portable.0[1].2.iter().any(|&x| x != 0),
                 "brackets were kept"
