@@ -1239,14 +1239,16 @@ mod tests {
         let cut: Vec<u32> = [vec![1u32; cols], vec![2u32; cols]].concat();
         // Row 5 in the first word, row 4 (scored together with row 5) in the last, row 17
         // in the first; then rows of a later chunk only (the row scored alone at the end
-        // after one in a pair).
-        for (bad, first) in [
-            (&[(5, 10), (4, 150), (17, 0)][..], 4),
-            (&[(70, 100), (47, 191)][..], 47),
+        // after one in a pair); infinities, whose bits are the smallest non-finite ones.
+        for (bad, first, x) in [
+            (&[(5, 10), (4, 150), (17, 0)][..], 4, f32::NAN),
+            (&[(70, 100), (47, 191)][..], 47, f32::NAN),
+            (&[(30, 64), (12, 70)][..], 12, f32::NEG_INFINITY),
+            (&[(9, 1)][..], 9, f32::INFINITY),
         ] {
             let mut w = vec![0.25f32; rows * cols];
             for &(r, c) in bad {
-                w[r * cols + c] = f32::NAN;
+                w[r * cols + c] = x;
             }
             let run = |avx: bool| {
                 let mut cs = ColumnScratch::default();
