@@ -33,23 +33,11 @@ use rayon::prelude::*;
 /// The per-word loops of the refresh. `word` is a mask word, `w`/`h`/`bits` the (up to 64)
 /// weights, shadow values and score bits of its columns, `c0` its first column.
 trait Kernels {
-    /// Writes the score bits of one word's edges (0 for a non-candidate) and returns what
-    /// it found against the bracket `lo..hi`.
-    fn score(
-        word: u64,
-        w: &[f32],
-        h: &[f32],
-        regrow: bool,
-        lo: u32,
-        hi: u32,
-        bits: &mut [u32],
-    ) -> WordScore;
     /// Scores a row (mask words `words`, values `w` and `h`, `w.len()` columns) word by
-    /// word as [`Kernels::score`] does: the score bits to `bits`, each word's edges at or
+    /// word as [`Portable::score`] does: the score bits to `bits`, each word's edges at or
     /// above `hi` to `keys` (one word each), and the keys of the edges inside `lo..hi`
     /// (`bits << 32 | (u32::MAX - column)`) to `tmp`, in column order. Needs `lo <= hi`.
     #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
     fn score_row(
         words: &[u64],
         w: &[f32],
@@ -60,22 +48,7 @@ trait Kernels {
         bits: &mut [u32],
         keys: &mut [u64],
         tmp: &mut [u64],
-    ) -> RowScore {
-        let mut rs = RowScore::default();
-        for (wi, (&word, ((bc, wc), hc))) in words
-            .iter()
-            .zip(bits.chunks_mut(64).zip(w.chunks(64)).zip(h.chunks(64)))
-            .enumerate()
-        {
-            let ws = Self::score(word, wc, hc, regrow, lo, hi, bc);
-            rs.non_finite |= ws.non_finite;
-            rs.above_lo += ws.above_lo as usize;
-            rs.above_hi += ws.above_hi as usize;
-            keys[wi] = ws.high;
-            rs.inside = log_inside(ws.inside, wi, bc, tmp, rs.inside);
-        }
-        rs
-    }
+    ) -> RowScore;
     /// Which of the word's edges have keys at or above the threshold with score bits `ts`
     /// and index `ti`: bits above `ts`, or equal to it at a column no later than `ti`.
     fn select(bits: &[u32], c0: u32, ts: u32, ti: u32) -> u64;
@@ -122,7 +95,7 @@ trait Kernels {
     ) -> u64;
 }
 
-/// One word's edges against a bracket `lo..hi`, from [`Kernels::score`].
+/// One word's edges against a bracket `lo..hi`, from [`Portable::score`].
 struct WordScore {
     /// Whether a scored value is non-finite.
     non_finite: bool,
@@ -215,6 +188,54 @@ fn count_row(
 struct Portable;
 
 impl Portable {
+    /// Writes the score bits of one word's edges (0 for a non-candidate) and returns what
+    /// it found against the bracket `lo..hi`.
+    #[inline(always)]
+    fn score(
+        word: u64,
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+        bits: &mut [u32],
+    ) -> WordScore {
+        let all = u32::from(regrow).wrapping_neg();
+        // Without regrowth dead edges are not candidates: their shadow values are not read.
+        let h = if regrow { h } else { w };
+        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
+        let mut high = 0u64;
+        for (half, ((bh, wh), hh)) in bits
+            .chunks_mut(32)
+            .zip(w.chunks(32))
+            .zip(h.chunks(32))
+            .enumerate()
+        {
+            let live32 = (word >> (32 * half)) as u32;
+            let (mut m, mut zm) = (0u32, 0u32);
+            for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
+                let live = ((live32 >> b) & 1).wrapping_neg();
+                let (s, nf) = lane(live, live | all, x, y);
+                bad |= u32::from(nf);
+                *o = s;
+                let (a, z) = (s >= lo, s >= hi);
+                above_lo += u32::from(a);
+                above_hi += u32::from(z);
+                m |= u32::from(a & !z) << b;
+                zm |= u32::from(z) << b;
+            }
+            inside |= u64::from(m) << (32 * half);
+            high |= u64::from(zm) << (32 * half);
+        }
+        WordScore {
+            non_finite: bad != 0,
+            above_lo,
+            above_hi,
+            high,
+            inside,
+        }
+    }
+
     /// Columns: scores the same word of `N` rows (mask words `words`, values `w`/`h`) into
     /// `bits` and returns for each row whether a scored value is non-finite, which columns
     /// lie in their `lo[j]..hi[j]` and which reach their `hi[j]`. Several rows at once
@@ -275,49 +296,31 @@ fn count_word<const N: usize>(
 
 impl Kernels for Portable {
     #[inline(always)]
-    fn score(
-        word: u64,
+    fn score_row(
+        words: &[u64],
         w: &[f32],
         h: &[f32],
         regrow: bool,
         lo: u32,
         hi: u32,
         bits: &mut [u32],
-    ) -> WordScore {
-        let all = u32::from(regrow).wrapping_neg();
-        // Without regrowth dead edges are not candidates: their shadow values are not read.
-        let h = if regrow { h } else { w };
-        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
-        let mut high = 0u64;
-        for (half, ((bh, wh), hh)) in bits
-            .chunks_mut(32)
-            .zip(w.chunks(32))
-            .zip(h.chunks(32))
+        keys: &mut [u64],
+        tmp: &mut [u64],
+    ) -> RowScore {
+        let mut rs = RowScore::default();
+        for (wi, (&word, ((bc, wc), hc))) in words
+            .iter()
+            .zip(bits.chunks_mut(64).zip(w.chunks(64)).zip(h.chunks(64)))
             .enumerate()
         {
-            let live32 = (word >> (32 * half)) as u32;
-            let (mut m, mut zm) = (0u32, 0u32);
-            for (b, ((o, &x), &y)) in bh.iter_mut().zip(wh).zip(hh).enumerate() {
-                let live = ((live32 >> b) & 1).wrapping_neg();
-                let (s, nf) = lane(live, live | all, x, y);
-                bad |= u32::from(nf);
-                *o = s;
-                let (a, z) = (s >= lo, s >= hi);
-                above_lo += u32::from(a);
-                above_hi += u32::from(z);
-                m |= u32::from(a & !z) << b;
-                zm |= u32::from(z) << b;
-            }
-            inside |= u64::from(m) << (32 * half);
-            high |= u64::from(zm) << (32 * half);
+            let ws = Portable::score(word, wc, hc, regrow, lo, hi, bc);
+            rs.non_finite |= ws.non_finite;
+            rs.above_lo += ws.above_lo as usize;
+            rs.above_hi += ws.above_hi as usize;
+            keys[wi] = ws.high;
+            rs.inside = log_inside(ws.inside, wi, bc, tmp, rs.inside);
         }
-        WordScore {
-            non_finite: bad != 0,
-            above_lo,
-            above_hi,
-            high,
-            inside,
-        }
+        rs
     }
 
     #[inline(always)]
@@ -552,52 +555,6 @@ fn avx512_score_row<const DEAD: bool>(
 
 #[cfg(target_arch = "x86_64")]
 impl Kernels for Avx512 {
-    #[inline(always)]
-    fn score(
-        word: u64,
-        w: &[f32],
-        h: &[f32],
-        regrow: bool,
-        lo: u32,
-        hi: u32,
-        bits: &mut [u32],
-    ) -> WordScore {
-        use std::arch::x86_64::*;
-        if w.len() < 64 || h.len() < 64 || bits.len() < 64 {
-            return Portable::score(word, w, h, regrow, lo, hi, bits);
-        }
-        let cand = if regrow { u64::MAX } else { word };
-        let mut bad = 0u16;
-        let (mut a, mut z) = ([0u16; 4], [0u16; 4]);
-        // SAFETY: the three slices hold at least 64 values (checked above), so every load
-        // and store below is in bounds; the CPU supports AVX-512F and BW (the caller's
-        // contract).
-        let (above, high) = unsafe {
-            let exp = _mm512_set1_epi32(0x7f80_0000);
-            let abs = _mm512_set1_epi32(0x7fff_ffff);
-            let (vlo, vhi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
-            for q in 0..4 {
-                let live = (word >> (16 * q)) as u16;
-                let c = (cand >> (16 * q)) as u16;
-                prefetch_ahead(w, h, regrow, 16 * q);
-                let v = load_values(w, h, 16 * q, live, regrow);
-                bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
-                let s = _mm512_maskz_and_epi32(c, v, abs);
-                _mm512_storeu_epi32(bits.as_mut_ptr().add(16 * q).cast(), s);
-                a[q] = _mm512_cmpge_epu32_mask(s, vlo);
-                z[q] = _mm512_cmpge_epu32_mask(s, vhi);
-            }
-            (join(a), join(z))
-        };
-        WordScore {
-            non_finite: bad != 0,
-            above_lo: above.count_ones(),
-            above_hi: high.count_ones(),
-            high,
-            inside: above & !high,
-        }
-    }
-
     #[inline(always)]
     fn score_row(
         words: &[u64],
