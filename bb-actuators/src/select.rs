@@ -173,8 +173,8 @@ pub fn threshold_key_preserving(
 /// slab's previous selection: when the `k`-th largest key still lies in it, two counting
 /// passes and the keys inside it are all the work. Otherwise it selects from scratch. Either
 /// way `bracket` is then set around the new threshold (a relative margin on its score that
-/// grows with how far the threshold moved, see [`bracket_after`]), and the result is the
-/// same as without a bracket: any bracket, `[0, 0]` included, is valid input.
+/// grows with how far the threshold moved), and the result is the same as without a
+/// bracket: any bracket, `[0, 0]` included, is valid input.
 #[inline(always)]
 pub fn threshold_key_bracketed(
     keys: &[u64],

@@ -4,7 +4,7 @@
 //! `sum_i H_b(a_i)`. Maximizing it under a traffic budget `sum_i a_i k_i <= T` gives the balance
 //! `ln((1 - a_i)/a_i) = beta k_i`. This crate solves that problem and its inverses
 //! ([`solver`]), fits the balance line to observed units ([`fit`]), locates the traffic peak
-//! with a Lambert-W routine ([`traffic`], [`lambert`]), and checks the paper's other claims
+//! with a Lambert-W routine ([`mod@traffic`], [`lambert`]), and checks the paper's other claims
 //! numerically: the actuators' linear response ([`response`]), the convergence of the BB
 //! dynamics towards balance ([`dynamics`], driven by the engine itself), and the scaling of
 //! training steps with width on DNF tasks ([`dnf`]).
