@@ -99,8 +99,6 @@ trait Kernels {
 struct WordScore {
     /// Whether a scored value is non-finite.
     non_finite: bool,
-    /// How many score bits are `>= lo`.
-    above_lo: u32,
     /// How many score bits are `>= hi`.
     above_hi: u32,
     /// Which edges have bits `>= hi` (all candidates, as `hi > 0`).
@@ -114,11 +112,10 @@ struct WordScore {
 struct RowScore {
     /// Whether a scored value is non-finite (the other fields are then unspecified).
     non_finite: bool,
-    /// How many score bits are `>= lo`.
-    above_lo: usize,
     /// How many score bits are `>= hi`.
     above_hi: usize,
-    /// How many keys inside the bracket went to the list.
+    /// How many keys inside the bracket went to the list (with `above_hi`, the bits
+    /// `>= lo`).
     inside: usize,
 }
 
@@ -203,7 +200,7 @@ impl Portable {
         let all = u32::from(regrow).wrapping_neg();
         // Without regrowth dead edges are not candidates: their shadow values are not read.
         let h = if regrow { h } else { w };
-        let (mut bad, mut above_lo, mut above_hi, mut inside) = (0u32, 0u32, 0u32, 0u64);
+        let (mut bad, mut above_hi, mut inside) = (0u32, 0u32, 0u64);
         let mut high = 0u64;
         for (half, ((bh, wh), hh)) in bits
             .chunks_mut(32)
@@ -219,7 +216,6 @@ impl Portable {
                 bad |= u32::from(nf);
                 *o = s;
                 let (a, z) = (s >= lo, s >= hi);
-                above_lo += u32::from(a);
                 above_hi += u32::from(z);
                 m |= u32::from(a & !z) << b;
                 zm |= u32::from(z) << b;
@@ -229,7 +225,6 @@ impl Portable {
         }
         WordScore {
             non_finite: bad != 0,
-            above_lo,
             above_hi,
             high,
             inside,
@@ -315,7 +310,6 @@ impl Kernels for Portable {
         {
             let ws = Portable::score(word, wc, hc, regrow, lo, hi, bc);
             rs.non_finite |= ws.non_finite;
-            rs.above_lo += ws.above_lo as usize;
             rs.above_hi += ws.above_hi as usize;
             keys[wi] = ws.high;
             rs.inside = log_inside(ws.inside, wi, bc, tmp, rs.inside);
@@ -547,7 +541,6 @@ fn avx512_score_row<const DEAD: bool>(
     }
     RowScore {
         non_finite,
-        above_lo: above_hi + n,
         above_hi,
         inside: n,
     }
@@ -845,8 +838,8 @@ fn flat_rows<K: Kernels>(
             // stays, and only the keys inside need a look.
             let score_dead = regrow && !use_cache;
             let rs = K::score_row(mw, wr, hr, score_dead, slo, shi, bits, keys, tmp);
-            (n, above_lo, above_hi, non_finite) =
-                (rs.inside, rs.above_lo, rs.above_hi, rs.non_finite);
+            (n, above_hi, non_finite) = (rs.inside, rs.above_hi, rs.non_finite);
+            above_lo = above_hi + n;
             if non_finite {
                 break;
             }
