@@ -30,6 +30,11 @@ use crate::select::{
 use crate::SyncStats;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+use avx2::Avx2;
+
 /// The per-word loops of the refresh. `word` is a mask word, `w`/`h`/`bits` the (up to 64)
 /// weights, shadow values and score bits of its columns, `c0` its first column.
 trait Kernels {
@@ -727,7 +732,7 @@ impl Kernels for Avx512 {
 }
 
 /// Defines `pub(crate) fn $name(args) -> ret` running `$inner::<Avx512>` on CPUs with
-/// AVX-512 and `$inner::<Portable>` (compiled for the baseline and AVX2) elsewhere.
+/// AVX-512, `$inner::<Avx2>` on CPUs with AVX2, and `$inner::<Portable>` elsewhere.
 macro_rules! kernel_entry {
     ($(#[$m:meta])* fn $name:ident = $inner:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {
         $(#[$m])*
@@ -747,6 +752,21 @@ macro_rules! kernel_entry {
                 {
                     // SAFETY: `widest` only needs the CPU features checked just above.
                     return unsafe { widest($($arg),*) };
+                }
+                #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2,lzcnt")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $inner::<Avx2>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("popcnt")
+                    && std::is_x86_feature_detected!("bmi1")
+                    && std::is_x86_feature_detected!("bmi2")
+                    && std::is_x86_feature_detected!("lzcnt")
+                {
+                    // SAFETY: `avx2` only needs the CPU features checked just above.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             crate::multiversion! {
@@ -1089,17 +1109,196 @@ mod tests {
             .collect()
     }
 
-    /// Whether this CPU runs the AVX-512 kernels (see [`rows_flat_block`]).
-    fn has_avx512() -> bool {
-        cfg!(target_arch = "x86_64")
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bw")
+    /// A kernel set.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    enum Set {
+        Portable,
+        Avx2,
+        Avx512,
+    }
+
+    /// The kernel sets this CPU runs (see [`rows_flat_block`]), the portable one first.
+    fn kernel_sets() -> Vec<Set> {
+        let mut sets = vec![Set::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if ["avx2", "fma", "popcnt", "bmi1", "bmi2", "lzcnt"]
+                .iter()
+                .all(|f| match *f {
+                    "avx2" => std::is_x86_feature_detected!("avx2"),
+                    "fma" => std::is_x86_feature_detected!("fma"),
+                    "popcnt" => std::is_x86_feature_detected!("popcnt"),
+                    "bmi1" => std::is_x86_feature_detected!("bmi1"),
+                    "bmi2" => std::is_x86_feature_detected!("bmi2"),
+                    _ => std::is_x86_feature_detected!("lzcnt"),
+                })
+            {
+                sets.push(Set::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512bw")
+            {
+                sets.push(Set::Avx512);
+            }
+        }
+        sets
+    }
+
+    /// `f::<K>(args)` with the kernels `K` of a [`Set`].
+    macro_rules! with_set {
+        ($set:expr, $f:ident($($a:expr),* $(,)?)) => {
+            match $set {
+                #[cfg(target_arch = "x86_64")]
+                Set::Avx512 => $f::<Avx512>($($a),*),
+                #[cfg(target_arch = "x86_64")]
+                Set::Avx2 => $f::<Avx2>($($a),*),
+                _ => $f::<Portable>($($a),*),
+            }
+        };
+    }
+
+    /// What [`Kernels::score_row`] gives, in a comparable form: the score, bits, words
+    /// above the bracket and the keys listed inside it.
+    type Scored = ((bool, usize, usize), Vec<u32>, Vec<u64>, Vec<u64>);
+
+    #[allow(clippy::too_many_arguments)]
+    fn score_with<K: Kernels>(
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
+        regrow: bool,
+        lo: u32,
+        hi: u32,
+    ) -> Scored {
+        let cols = w.len();
+        let (mut bits, mut keys, mut tmp) =
+            (vec![0; cols], vec![0; cols.div_ceil(64)], vec![0; cols]);
+        let rs = K::score_row(words, w, h, regrow, lo, hi, &mut bits, &mut keys, &mut tmp);
+        tmp.truncate(rs.inside);
+        ((rs.non_finite, rs.above_hi, rs.inside), bits, keys, tmp)
+    }
+
+    /// [`Kernels::select`], [`Kernels::at_least`] and [`Kernels::select_columns`] (the
+    /// columns in `need` only) on one word.
+    #[allow(clippy::too_many_arguments)]
+    fn word_with<K: Kernels>(
+        bits: &[u32],
+        c0: u32,
+        (ts, ti): (u32, u32),
+        lo: u32,
+        (word, w, h, regrow): (u64, &[f32], &[f32], bool),
+        (r, cts, cti, need): (u32, &[u32], &[u32], u64),
+    ) -> (u64, u64, u64) {
+        (
+            K::select(bits, c0, ts, ti),
+            K::at_least(bits, lo),
+            K::select_columns(word, w, h, regrow, r, cts, cti, need) & need,
+        )
+    }
+
+    /// Every kernel method of every kernel set the CPU has agrees with the portable one
+    /// edge by edge, on values at, just below and just above the bounds they are compared
+    /// with (ties at the bracket ends and thresholds, zeros, the largest finite magnitude),
+    /// bounds at 0 and past every magnitude, ties on either side of the tie-break index, and
+    /// rows with a partial last word.
+    #[test]
+    fn kernel_methods_agree_at_the_bounds() {
+        let mut s = 3u64;
+        let pool = [
+            0u32,
+            1,
+            0x3f00_0000,
+            0x3f00_0001,
+            0x3f80_0000,
+            0x7f7f_ffff,
+            0x8000_0000,
+            u32::MAX,
+        ];
+        let pick = |s: &mut u64, xs: &[u32]| xs[lcg(s) as usize % xs.len()];
+        let sets = kernel_sets();
+        for trial in 0..600 {
+            let cols = [64, 128, 200][trial % 3];
+            let regrow = trial % 2 == 0;
+            let (a, b) = (pick(&mut s, &pool), pick(&mut s, &pool));
+            let (lo, hi) = (a.min(b), a.max(b));
+            // Magnitudes near the bounds, zeros and others, all finite, either sign.
+            let near = |s: &mut u64| {
+                let any = lcg(s) & 0x7f7f_ffff;
+                let base = pick(s, &[lo, hi, 0, any]);
+                let m = base
+                    .wrapping_add(lcg(s) % 3)
+                    .wrapping_sub(1)
+                    .min(0x7f7f_ffff);
+                f32::from_bits(m | (lcg(s) & 1) << 31)
+            };
+            let w: Vec<f32> = (0..cols).map(|_| near(&mut s)).collect();
+            let h: Vec<f32> = (0..cols).map(|_| near(&mut s)).collect();
+            let words = random_words(&mut s, 1, cols);
+            let want = score_with::<Portable>(&words, &w, &h, regrow, lo, hi);
+            assert!(!want.0 .0, "trial {trial}: finite values");
+            for &set in &sets[1..] {
+                let got = with_set!(set, score_with(&words, &w, &h, regrow, lo, hi));
+                assert_eq!(got, want, "trial {trial}, {set:?}: score_row");
+            }
+            // A non-finite value anywhere (live, or dead with regrowth) is found.
+            let mut bad = w.clone();
+            let c = lcg(&mut s) as usize % cols;
+            bad[c] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][trial % 3];
+            let mut live = words.clone();
+            live[c / 64] |= 1 << (c % 64);
+            for &set in &sets {
+                let got = with_set!(set, score_with(&live, &bad, &h, regrow, lo, hi));
+                assert!(got.0 .0, "trial {trial}, {set:?}: column {c} is not finite");
+            }
+            // One word: thresholds on its own scores, tie-break indexes around its columns.
+            // (Selection and counting also see the largest magnitude, a NaN's.)
+            let mut bits = want.1[..64].to_vec();
+            bits[lcg(&mut s) as usize % 64] |= 0x7fff_ffff * (trial as u32 % 2);
+            let bits = &bits[..];
+            let c0 = 64 * (lcg(&mut s) % 4);
+            let own = bits[lcg(&mut s) as usize % 64];
+            let ts = pick(&mut s, &[own, lo, hi, 0x7fff_ffff]);
+            let ti = c0.wrapping_add(lcg(&mut s) % 70).wrapping_sub(3);
+            let r = lcg(&mut s) % 4;
+            let cts: Vec<u32> = bits
+                .iter()
+                .map(|&b| {
+                    pick(
+                        &mut s,
+                        &[b, b.wrapping_add(1), b.wrapping_sub(1), 0, u32::MAX],
+                    )
+                })
+                .collect();
+            let cti: Vec<u32> = (0..64)
+                .map(|_| r.wrapping_add(lcg(&mut s) % 3).wrapping_sub(1))
+                .collect();
+            let need = match trial % 4 {
+                0 => u64::MAX,
+                1 => 1 << (lcg(&mut s) % 64),
+                _ => {
+                    (u64::from(lcg(&mut s)) << 32 | u64::from(lcg(&mut s)))
+                        & (u64::from(lcg(&mut s)) << 32 | u64::from(lcg(&mut s)))
+                }
+            };
+            let args = |set: Set| {
+                let one = (words[0], &w[..64], &h[..64], regrow);
+                with_set!(
+                    set,
+                    word_with(bits, c0, (ts, ti), lo, one, (r, &cts, &cti, need))
+                )
+            };
+            let want = args(Set::Portable);
+            for &set in &sets[1..] {
+                assert_eq!(args(set), want, "trial {trial}, {set:?}: one word");
+            }
+        }
     }
 
     /// Rows with ties, zeros and a tail word, refreshed twice (so that the second pass
-    /// starts from brackets): the AVX-512 kernels (where the CPU has them) and the portable
-    /// ones give the same masks, weights, shadow, stats and hints.
+    /// starts from brackets): every kernel set the CPU has gives the same masks, weights,
+    /// shadow, stats and hints as the portable one.
     #[test]
     fn every_kernel_set_gives_the_same_rows() {
         let (rows, cols) = (9usize, 1000usize);
@@ -1128,7 +1327,7 @@ mod tests {
             w[r * cols + c] = x;
         }
         let targets: Vec<u32> = (0..rows).map(|r| (r * 120) as u32).collect();
-        let run = |avx: bool, regrow: bool| {
+        let run = |set: Set, regrow: bool| {
             let (mut words, mut w, mut h) = (words.clone(), w.clone(), h.clone());
             let (mut keys, mut tmp, mut bits) = (vec![0; cols], vec![0; cols], vec![0; cols]);
             let (mut hist, mut hints) =
@@ -1136,22 +1335,12 @@ mod tests {
             let mut out = Vec::new();
             for _ in 0..2 {
                 let args = (&mut keys[..], &mut tmp[..], &mut bits[..]);
-                #[cfg(target_arch = "x86_64")]
-                let res = if avx {
-                    flat_rows::<Avx512>(
+                let res = with_set!(
+                    set,
+                    flat_rows(
                         cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args,
                         &mut hist, &mut hints,
                     )
-                } else {
-                    flat_rows::<Portable>(
-                        cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args,
-                        &mut hist, &mut hints,
-                    )
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let res = flat_rows::<Portable>(
-                    cols, &targets, regrow, 0, wpr, &mut words, &mut w, &mut h, args, &mut hist,
-                    &mut hints,
                 );
                 out.push((res, words.clone(), hints.clone()));
                 // Drift the weights a little between the passes.
@@ -1163,17 +1352,16 @@ mod tests {
             let hb: Vec<u32> = h.iter().map(|x| x.to_bits()).collect();
             (out, wb, hb)
         };
-        let avx = has_avx512();
         for regrow in [true, false] {
-            let portable = run(false, regrow);
+            let portable = run(Set::Portable, regrow);
             let first_bad = if regrow { 2 } else { 4 };
             assert_eq!(portable.0[0].0 .1, Some(first_bad), "regrow {regrow}");
             assert!(
                 portable.0[1].2.iter().any(|&x| x != 0),
                 "brackets were kept"
             );
-            if avx {
-                assert_eq!(run(true, regrow), portable, "regrow {regrow}");
+            for set in kernel_sets().into_iter().skip(1) {
+                assert_eq!(run(set, regrow), portable, "regrow {regrow}, {set:?}");
             }
         }
     }
@@ -1200,25 +1388,14 @@ mod tests {
             for &(r, c) in bad {
                 w[r * cols + c] = x;
             }
-            let run = |avx: bool| {
+            for set in kernel_sets() {
                 let mut cs = ColumnScratch::default();
                 let mut pre = vec![0u64; rows * wpr];
-                #[cfg(target_arch = "x86_64")]
-                if avx {
-                    count_columns_rows::<Avx512>(
-                        cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs,
-                    );
-                    return cs.bad;
-                }
-                let _ = avx;
-                count_columns_rows::<Portable>(
-                    cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs,
+                with_set!(
+                    set,
+                    count_columns_rows(cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs)
                 );
-                cs.bad
-            };
-            assert_eq!(run(false), Some(7 + first));
-            if has_avx512() {
-                assert_eq!(run(true), Some(7 + first));
+                assert_eq!(cs.bad, Some(7 + first), "{set:?}");
             }
         }
     }
@@ -1279,29 +1456,14 @@ mod tests {
                     }
                 }
             }
-            let kernels: &[bool] = if has_avx512() {
-                &[false, true]
-            } else {
-                &[false]
-            };
-            for &avx in kernels {
+            for set in kernel_sets() {
                 let mut cs = ColumnScratch::default();
                 let mut pre = vec![0u64; rows * wpr];
-                #[cfg(target_arch = "x86_64")]
-                if avx {
-                    count_columns_rows::<Avx512>(
-                        cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                    );
-                } else {
-                    count_columns_rows::<Portable>(
-                        cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                    );
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                count_columns_rows::<Portable>(
-                    cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
+                with_set!(
+                    set,
+                    count_columns_rows(cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs)
                 );
-                let case = format!("wide {wide}, regrow {regrow}, avx {avx}");
+                let case = format!("wide {wide}, regrow {regrow}, {set:?}");
                 assert_eq!(cs.bad, None, "{case}");
                 assert_eq!(pre, high, "{case}");
                 let mut logged: Vec<(u64, u32)> = Vec::new();
@@ -1379,35 +1541,18 @@ mod tests {
                 x & crate::mask::lanes(cols - wi * 64)
             })
             .collect();
-        let run = |avx: bool, regrow: bool| {
+        let run = |set: Set, regrow: bool| {
             let mut cs = ColumnScratch::default();
             let mut pre = vec![0u64; rows * wpr];
             let (mut mw, mut wv, mut hv) = (words.clone(), w.clone(), h.clone());
-            #[cfg(target_arch = "x86_64")]
-            let st = if avx {
-                count_columns_rows::<Avx512>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Avx512>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            } else {
-                count_columns_rows::<Portable>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Portable>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let st = {
-                count_columns_rows::<Portable>(
-                    cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
-                );
-                rebuild_columns_rows::<Portable>(
-                    cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv,
-                )
-            };
+            with_set!(
+                set,
+                count_columns_rows(cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs)
+            );
+            let st = with_set!(
+                set,
+                rebuild_columns_rows(cols, 0, regrow, &thr, &kept, &pre, &mut mw, &mut wv, &mut hv)
+            );
             let lists: Vec<Vec<u64>> = (0..cols)
                 .map(|c| {
                     let l = (cs.counts[cols + c] as usize).min(LIST_CAP);
@@ -1418,16 +1563,15 @@ mod tests {
             let hb: Vec<u32> = hv.iter().map(|x| x.to_bits()).collect();
             (cs.counts.clone(), lists, cs.bad, pre, st, mw, wb, hb)
         };
-        let avx = has_avx512();
         for regrow in [true, false] {
-            let portable = run(false, regrow);
+            let portable = run(Set::Portable, regrow);
             assert!(portable.0.iter().any(|&n| n > 0), "columns were counted");
             assert!(
                 (portable.4).0.died + (portable.4).0.born > 0,
                 "the rebuild changed edges"
             );
-            if avx {
-                assert_eq!(run(true, regrow), portable, "regrow {regrow}");
+            for set in kernel_sets().into_iter().skip(1) {
+                assert_eq!(run(set, regrow), portable, "regrow {regrow}, {set:?}");
             }
         }
     }
