@@ -493,6 +493,110 @@ impl AdamStep {
         }
     }
 
+    /// [`Self::apply_lanes`] on the first `n` (at most 64) values of the slices with the lane
+    /// masks of `word`, in 256-bit vectors of 8 values whose lane masks are the word's bytes
+    /// (the last values, fewer than 8, through [`Self::apply_lanes`]). The same IEEE
+    /// operations in the same order as [`Self::one`], so the same bits; written out because
+    /// the compiler's version of the lane loop builds every lane's mask on its own.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; every slice must hold at least `n` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn apply_avx2(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        n: usize,
+        word: u64,
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(n <= 64 && p.len() >= n && m.len() >= n && v.len() >= n && g.len() >= n);
+        let k = *self;
+        let (b1, b2) = (_mm256_set1_ps(k.beta1), _mm256_set1_ps(k.beta2));
+        let (ob1, ob2) = (
+            _mm256_set1_ps(k.one_minus_beta1),
+            _mm256_set1_ps(k.one_minus_beta2),
+        );
+        let (wd, step) = (_mm256_set1_ps(k.weight_decay), _mm256_set1_ps(k.step_size));
+        let (c, eps) = (_mm256_set1_ps(k.inv_sqrt_bc2), _mm256_set1_ps(k.eps));
+        // Lane `b` of a byte's vector gets bit `b` in its sign bit, then across the lane.
+        let shifts = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+        let full = n / 8;
+        for e in 0..full {
+            let byte = _mm256_set1_epi32((word >> (8 * e)) as i32);
+            let live =
+                _mm256_castsi256_ps(_mm256_srai_epi32::<31>(_mm256_sllv_epi32(byte, shifts)));
+            // SAFETY: the values 8 * e .. 8 * e + 8 lie inside each slice (`8 * e + 8 <= n`,
+            // the caller's contract).
+            unsafe {
+                let (pp, mp) = (p.as_mut_ptr().add(8 * e), m.as_mut_ptr().add(8 * e));
+                let (vp, gp) = (v.as_mut_ptr().add(8 * e), g.as_ptr().add(8 * e));
+                let gq = _mm256_and_ps(_mm256_loadu_ps(gp), live);
+                let (pq, mq, vq) = (
+                    _mm256_loadu_ps(pp),
+                    _mm256_loadu_ps(mp),
+                    _mm256_loadu_ps(vp),
+                );
+                let gj = _mm256_add_ps(gq, _mm256_mul_ps(wd, pq));
+                let mq = _mm256_add_ps(_mm256_mul_ps(b1, mq), _mm256_mul_ps(ob1, gj));
+                let vq = _mm256_add_ps(
+                    _mm256_mul_ps(b2, vq),
+                    _mm256_mul_ps(_mm256_mul_ps(ob2, gj), gj),
+                );
+                let d = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vq), c), eps);
+                let pn = _mm256_sub_ps(pq, _mm256_div_ps(_mm256_mul_ps(step, mq), d));
+                _mm256_storeu_ps(mp, mq);
+                _mm256_storeu_ps(vp, vq);
+                _mm256_storeu_ps(pp, _mm256_and_ps(pn, live));
+            }
+        }
+        if 8 * full < n {
+            let r = 8 * full..n;
+            let bits = (word >> (8 * full)) as u32;
+            self.apply_lanes(
+                &mut p[r.clone()],
+                &mut m[r.clone()],
+                &mut v[r.clone()],
+                &g[r],
+                bits,
+            );
+        }
+    }
+
+    /// [`Self::apply_avx2`] on `range` (at most 64 values) of the slices.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn word_avx2(
+        &self,
+        range: Range<usize>,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        word: u64,
+    ) {
+        let n = range.len();
+        assert!(n <= 64, "a word holds at most 64 values");
+        // SAFETY: the CPU has AVX2 (the caller's contract); the ranges' bounds are checked
+        // by the slicing.
+        unsafe {
+            self.apply_avx2(
+                &mut p[range.clone()],
+                &mut m[range.clone()],
+                &mut v[range.clone()],
+                &g[range],
+                n,
+                word,
+            )
+        }
+    }
+
     /// [`Self::apply_avx512`] on `range` (at most 64 values) of the slices.
     ///
     /// # Safety
@@ -657,9 +761,9 @@ fn masked_update(
 ) {
     let cols = mask.map_or(1, |m| m.cols().max(1));
     let rows_per_task = (PAR_CHUNK / cols).max(1);
-    let avx512 = has_avx512f();
+    let (avx512, avx2) = (has_avx512f(), has_avx2());
     if p.len() <= rows_per_task * cols {
-        return masked_rows(rule, mask, 0, p, a, b, g, avx512);
+        return masked_rows(rule, mask, 0, p, a, b, g, avx512, avx2);
     }
     let len = rows_per_task * cols;
     let mut tasks = Vec::with_capacity(p.len().div_ceil(len));
@@ -681,7 +785,19 @@ fn masked_update(
     }
     tasks
         .into_par_iter()
-        .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g, avx512));
+        .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g, avx512, avx2));
+}
+
+/// Whether the CPU has AVX2 (for [`AdamStep::apply_avx2`]).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether the CPU has AVX-512F (for [`AdamStep::apply_avx512`]).
@@ -700,7 +816,8 @@ bb_actuators::multiversion! {
     /// The masked update of whole rows `row0..` held in `p` (and the matching state): Adam on
     /// a CPU with AVX-512F (`avx512`) takes every word through [`AdamStep::apply_avx512`];
     /// otherwise runs of mask words with every value live take the plain loop and the other
-    /// words the lane loop.
+    /// words the lane loop, Adam's through [`AdamStep::apply_avx2`] on a CPU with AVX2
+    /// (`avx2`).
     #[allow(clippy::too_many_arguments)]
     fn masked_rows(
         rule: &Rule,
@@ -711,6 +828,7 @@ bb_actuators::multiversion! {
         b: &mut [f32],
         g: &[f32],
         avx512: bool,
+        avx2: bool,
     ) {
         let Some(mask) = mask else {
             return rule.plain(0..p.len(), p, a, b, g, avx512);
@@ -747,8 +865,15 @@ bb_actuators::multiversion! {
                 if run < lo {
                     rule.plain(run..lo, p, a, b, g, avx512);
                 }
-                rule.lanes(lo..lo + n, p, a, b, g, w);
                 run = lo + n;
+                #[cfg(target_arch = "x86_64")]
+                if let (Rule::Adam(k), true) = (rule, avx2) {
+                    // SAFETY: `avx2` says the CPU has AVX2.
+                    unsafe { k.word_avx2(lo..lo + n, p, a, b, g, w) };
+                    continue;
+                }
+                let _ = avx2;
+                rule.lanes(lo..lo + n, p, a, b, g, w);
             }
         }
         if run < p.len() {
@@ -823,7 +948,7 @@ mod tests {
     /// The vector code of `update` and `update_masked` gives, bit for bit, the scalar rule of
     /// one value at a time: lengths with whole words, partial 16-value quarters, a lone value
     /// and parallel chunks; masks with dead values and every value live. The portable masked
-    /// loop (CPUs without AVX-512F) is run too and gives the same.
+    /// loop (CPUs without AVX2 or AVX-512F) is run too and gives the same.
     #[test]
     fn vector_updates_equal_the_scalar_rule() {
         use rand::{Rng, SeedableRng};
@@ -883,6 +1008,7 @@ mod tests {
                     m,
                     v,
                     &grads[l],
+                    false,
                     false,
                 );
             }
