@@ -460,6 +460,52 @@ unsafe fn join(m: [u16; 4]) -> u64 {
     }
 }
 
+/// Checks the slices of a vector kernel's [`Kernels::score_row`] for a row of `cols` edges
+/// (`h` the values scored for dead edges).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn check_row(words: &[u64], h: &[f32], bits: &[u32], keys: &[u64], tmp: &[u64], cols: usize) {
+    let wpr = cols.div_ceil(64);
+    assert!(
+        words.len() >= wpr
+            && h.len() >= cols
+            && bits.len() >= cols
+            && keys.len() >= wpr
+            && tmp.len() >= cols,
+        "score_row: short slices"
+    );
+}
+
+/// The end of a vector kernel's [`Kernels::score_row`]: the row's partial last word, if it
+/// has one, through [`Portable::score`] against the bracket `cut`, added to what the whole
+/// words gave (`rs`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn score_tail(
+    words: &[u64],
+    w: &[f32],
+    h: &[f32],
+    dead: bool,
+    cut: (u32, u32),
+    bits: &mut [u32],
+    keys: &mut [u64],
+    tmp: &mut [u64],
+    mut rs: RowScore,
+) -> RowScore {
+    let (cols, full) = (w.len(), w.len() / 64);
+    if 64 * full < cols {
+        let at = 64 * full;
+        let bc = &mut bits[at..cols];
+        let ws = Portable::score(words[full], &w[at..], &h[at..cols], dead, cut.0, cut.1, bc);
+        rs.non_finite |= ws.non_finite;
+        rs.above_hi += ws.above_hi as usize;
+        keys[full] = ws.high;
+        rs.inside = log_inside(ws.inside, full, bc, tmp, rs.inside);
+    }
+    rs
+}
+
 /// AVX-512 versions: a mask word's 16-bit quarters are the lane masks of four vectors.
 /// Only called from code compiled with `avx512f` and `avx512bw` (see [`rows_flat_block`]),
 /// whose mask instructions join the four quarters into a word; partial words
@@ -489,17 +535,10 @@ fn avx512_score_row<const DEAD: bool>(
     use std::arch::x86_64::*;
     debug_assert!(lo <= hi, "score_row: bracket {lo}..{hi}");
     let cols = w.len();
-    let (wpr, full) = (cols.div_ceil(64), cols / 64);
+    let full = cols / 64;
     // Without regrowth dead edges are not candidates: their shadow values are not read.
     let h = if DEAD { h } else { w };
-    assert!(
-        words.len() >= wpr
-            && h.len() >= cols
-            && bits.len() >= cols
-            && keys.len() >= wpr
-            && tmp.len() >= cols,
-        "score_row: short slices"
-    );
+    check_row(words, h, bits, keys, tmp, cols);
     let (mut above_hi, mut n) = (0usize, 0usize);
     // SAFETY: the lengths were checked above (for `wi < full`, `at + 16 <= 64 * full <=
     // cols`, so `load_values` has 16 values from `at` and `bits` room for 16); AVX-512F and
@@ -532,23 +571,13 @@ fn avx512_score_row<const DEAD: bool>(
         }
         top
     };
-    // SAFETY: AVX-512F is the caller's contract.
-    let mut non_finite =
-        unsafe { _mm512_cmpge_epu32_mask(top, _mm512_set1_epi32(0x7f80_0000)) } != 0;
-    if full < wpr {
-        let at = 64 * full;
-        let bc = &mut bits[at..cols];
-        let ws = Portable::score(words[full], &w[at..], &h[at..cols], DEAD, lo, hi, bc);
-        non_finite |= ws.non_finite;
-        above_hi += ws.above_hi as usize;
-        keys[full] = ws.high;
-        n = log_inside(ws.inside, full, bc, tmp, n);
-    }
-    RowScore {
-        non_finite,
+    let rs = RowScore {
+        // SAFETY: AVX-512F is the caller's contract.
+        non_finite: unsafe { _mm512_cmpge_epu32_mask(top, _mm512_set1_epi32(0x7f80_0000)) } != 0,
         above_hi,
         inside: n,
-    }
+    };
+    score_tail(words, w, h, DEAD, (lo, hi), bits, keys, tmp, rs)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -731,6 +760,26 @@ impl Kernels for Avx512 {
     }
 }
 
+/// Whether the CPU has the features [`Avx512`]'s entry points are compiled with.
+#[cfg(target_arch = "x86_64")]
+fn cpu_runs_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("popcnt")
+}
+
+/// Whether the CPU has the features [`Avx2`]'s entry points are compiled with.
+#[cfg(target_arch = "x86_64")]
+fn cpu_runs_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("popcnt")
+        && std::is_x86_feature_detected!("bmi1")
+        && std::is_x86_feature_detected!("bmi2")
+        && std::is_x86_feature_detected!("lzcnt")
+}
+
 /// Defines `pub(crate) fn $name(args) -> ret` running `$inner::<Avx512>` on CPUs with
 /// AVX-512, `$inner::<Avx2>` on CPUs with AVX2, and `$inner::<Portable>` elsewhere.
 macro_rules! kernel_entry {
@@ -745,11 +794,7 @@ macro_rules! kernel_entry {
                 unsafe fn widest($($arg: $ty),*) -> $ret {
                     $inner::<Avx512>($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("popcnt")
-                {
+                if cpu_runs_avx512() {
                     // SAFETY: `widest` only needs the CPU features checked just above.
                     return unsafe { widest($($arg),*) };
                 }
@@ -758,13 +803,7 @@ macro_rules! kernel_entry {
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $inner::<Avx2>($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2")
-                    && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("popcnt")
-                    && std::is_x86_feature_detected!("bmi1")
-                    && std::is_x86_feature_detected!("bmi2")
-                    && std::is_x86_feature_detected!("lzcnt")
-                {
+                if cpu_runs_avx2() {
                     // SAFETY: `avx2` only needs the CPU features checked just above.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -1123,23 +1162,10 @@ mod tests {
         let mut sets = vec![Set::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if ["avx2", "fma", "popcnt", "bmi1", "bmi2", "lzcnt"]
-                .iter()
-                .all(|f| match *f {
-                    "avx2" => std::is_x86_feature_detected!("avx2"),
-                    "fma" => std::is_x86_feature_detected!("fma"),
-                    "popcnt" => std::is_x86_feature_detected!("popcnt"),
-                    "bmi1" => std::is_x86_feature_detected!("bmi1"),
-                    "bmi2" => std::is_x86_feature_detected!("bmi2"),
-                    _ => std::is_x86_feature_detected!("lzcnt"),
-                })
-            {
+            if cpu_runs_avx2() {
                 sets.push(Set::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512bw")
-            {
+            if cpu_runs_avx512() {
                 sets.push(Set::Avx512);
             }
         }
@@ -1163,7 +1189,6 @@ mod tests {
     /// above the bracket and the keys listed inside it.
     type Scored = ((bool, usize, usize), Vec<u32>, Vec<u64>, Vec<u64>);
 
-    #[allow(clippy::too_many_arguments)]
     fn score_with<K: Kernels>(
         words: &[u64],
         w: &[f32],

@@ -493,27 +493,31 @@ impl AdamStep {
         }
     }
 
-    /// [`Self::apply_lanes`] on the first `n` (at most 64) values of the slices with the lane
+    /// [`Self::apply_lanes`] on `range` (at most 64 values) of the slices with the lane
     /// masks of `word`, in 256-bit vectors of 8 values whose lane masks are the word's bytes
     /// (the last values, fewer than 8, through [`Self::apply_lanes`]). The same IEEE
     /// operations in the same order as [`Self::one`], so the same bits; written out because
     /// the compiler's version of the lane loop builds every lane's mask on its own.
     ///
     /// # Safety
-    /// The CPU must support AVX2; every slice must hold at least `n` values.
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn apply_avx2(
         &self,
+        range: Range<usize>,
         p: &mut [f32],
         m: &mut [f32],
         v: &mut [f32],
         g: &[f32],
-        n: usize,
         word: u64,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(n <= 64 && p.len() >= n && m.len() >= n && v.len() >= n && g.len() >= n);
+        let n = range.len();
+        assert!(n <= 64, "a word holds at most 64 values");
+        // The slicing checks the range's bounds.
+        let (p, m) = (&mut p[range.clone()], &mut m[range.clone()]);
+        let (v, g) = (&mut v[range.clone()], &g[range]);
         let k = *self;
         let (b1, b2) = (_mm256_set1_ps(k.beta1), _mm256_set1_ps(k.beta2));
         let (ob1, ob2) = (
@@ -530,7 +534,7 @@ impl AdamStep {
             let live =
                 _mm256_castsi256_ps(_mm256_srai_epi32::<31>(_mm256_sllv_epi32(byte, shifts)));
             // SAFETY: the values 8 * e .. 8 * e + 8 lie inside each slice (`8 * e + 8 <= n`,
-            // the caller's contract).
+            // and every slice was cut to `n` values).
             unsafe {
                 let (pp, mp) = (p.as_mut_ptr().add(8 * e), m.as_mut_ptr().add(8 * e));
                 let (vp, gp) = (v.as_mut_ptr().add(8 * e), g.as_ptr().add(8 * e));
@@ -563,37 +567,6 @@ impl AdamStep {
                 &g[r],
                 bits,
             );
-        }
-    }
-
-    /// [`Self::apply_avx2`] on `range` (at most 64 values) of the slices.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn word_avx2(
-        &self,
-        range: Range<usize>,
-        p: &mut [f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        g: &[f32],
-        word: u64,
-    ) {
-        let n = range.len();
-        assert!(n <= 64, "a word holds at most 64 values");
-        // SAFETY: the CPU has AVX2 (the caller's contract); the ranges' bounds are checked
-        // by the slicing.
-        unsafe {
-            self.apply_avx2(
-                &mut p[range.clone()],
-                &mut m[range.clone()],
-                &mut v[range.clone()],
-                &g[range],
-                n,
-                word,
-            )
         }
     }
 
@@ -869,7 +842,7 @@ bb_actuators::multiversion! {
                 #[cfg(target_arch = "x86_64")]
                 if let (Rule::Adam(k), true) = (rule, avx2) {
                     // SAFETY: `avx2` says the CPU has AVX2.
-                    unsafe { k.word_avx2(lo..lo + n, p, a, b, g, w) };
+                    unsafe { k.apply_avx2(lo..lo + n, p, a, b, g, w) };
                     continue;
                 }
                 let _ = avx2;

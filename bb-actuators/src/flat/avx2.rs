@@ -9,7 +9,10 @@
 //! taken from `max_epu32`. Only called from code compiled with `avx2` (see
 //! [`super::rows_flat_block`]).
 
-use super::{count_word, log_inside, prefetch_ahead, Inside, Kernels, Portable, RowScore};
+use super::{
+    check_row, count_word, log_inside, prefetch_ahead, score_tail, Inside, Kernels, Portable,
+    RowScore,
+};
 use std::arch::x86_64::*;
 
 /// The AVX2 kernel set.
@@ -101,17 +104,10 @@ fn score_row<const DEAD: bool>(
 ) -> RowScore {
     debug_assert!(lo <= hi, "score_row: bracket {lo}..{hi}");
     let cols = w.len();
-    let (wpr, full) = (cols.div_ceil(64), cols / 64);
+    let full = cols / 64;
     // Without regrowth dead edges are not candidates: their shadow values are not read.
     let h = if DEAD { h } else { w };
-    assert!(
-        words.len() >= wpr
-            && h.len() >= cols
-            && bits.len() >= cols
-            && keys.len() >= wpr
-            && tmp.len() >= cols,
-        "score_row: short slices"
-    );
+    check_row(words, h, bits, keys, tmp, cols);
     let (mut above_hi, mut n) = (0usize, 0usize);
     // SAFETY: the lengths were checked above (for `wi < full`, `at + 8 <= 64 * full <=
     // cols`, so `load8` has 8 values from `at` and `bits` room for 8); AVX2 is the caller's
@@ -146,23 +142,13 @@ fn score_row<const DEAD: bool>(
         }
         top
     };
-    // SAFETY: AVX2 is the caller's contract.
-    let mut non_finite =
-        bits8(unsafe { _mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x7f7f_ffff)) }) != 0;
-    if full < wpr {
-        let at = 64 * full;
-        let bc = &mut bits[at..cols];
-        let ws = Portable::score(words[full], &w[at..], &h[at..cols], DEAD, lo, hi, bc);
-        non_finite |= ws.non_finite;
-        above_hi += ws.above_hi as usize;
-        keys[full] = ws.high;
-        n = log_inside(ws.inside, full, bc, tmp, n);
-    }
-    RowScore {
-        non_finite,
+    let rs = RowScore {
+        // SAFETY: AVX2 is the caller's contract.
+        non_finite: bits8(unsafe { _mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x7f7f_ffff)) }) != 0,
         above_hi,
         inside: n,
-    }
+    };
+    score_tail(words, w, h, DEAD, (lo, hi), bits, keys, tmp, rs)
 }
 
 impl Kernels for Avx2 {
