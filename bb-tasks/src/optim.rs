@@ -493,31 +493,39 @@ impl AdamStep {
         }
     }
 
-    /// [`Self::apply_lanes`] on `range` (at most 64 values) of the slices with the lane
-    /// masks of `word`, in 256-bit vectors of 8 values whose lane masks are the word's bytes
-    /// (the last values, fewer than 8, through [`Self::apply_lanes`]). The same IEEE
-    /// operations in the same order as [`Self::one`], so the same bits; written out because
-    /// the compiler's version of the lane loop builds every lane's mask on its own.
+    /// [`Self::apply_lanes`] on the whole rows `row0..` of `mask` held in the slices (`p.len()`
+    /// a multiple of the mask's columns), in 256-bit vectors of 8 values whose lane masks are
+    /// the mask words' bytes (a row's last values, fewer than 8, through
+    /// [`Self::apply_lanes`]). The same IEEE operations in the same order as [`Self::one`], so
+    /// the same bits; written out because the compiler's version of the lane loop builds
+    /// every lane's mask on its own, and over whole rows so that the constants are set up
+    /// once per call, not once per word.
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn apply_avx2(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_avx2(
         &self,
-        range: Range<usize>,
+        mask: &BitMask,
+        row0: usize,
         p: &mut [f32],
         m: &mut [f32],
         v: &mut [f32],
         g: &[f32],
-        word: u64,
     ) {
         use std::arch::x86_64::*;
-        let n = range.len();
-        assert!(n <= 64, "a word holds at most 64 values");
-        // The slicing checks the range's bounds.
-        let (p, m) = (&mut p[range.clone()], &mut m[range.clone()]);
-        let (v, g) = (&mut v[range.clone()], &g[range]);
+        let cols = mask.cols();
+        assert!(
+            cols > 0
+                && p.len().is_multiple_of(cols)
+                && m.len() == p.len()
+                && v.len() == p.len()
+                && g.len() == p.len()
+                && row0 + p.len() / cols <= mask.rows(),
+            "whole rows of the mask, with all their state"
+        );
         let k = *self;
         let (b1, b2) = (_mm256_set1_ps(k.beta1), _mm256_set1_ps(k.beta2));
         let (ob1, ob2) = (
@@ -526,47 +534,63 @@ impl AdamStep {
         );
         let (wd, step) = (_mm256_set1_ps(k.weight_decay), _mm256_set1_ps(k.step_size));
         let (c, eps) = (_mm256_set1_ps(k.inv_sqrt_bc2), _mm256_set1_ps(k.eps));
-        // Lane `b` of a byte's vector gets bit `b` in its sign bit, then across the lane.
-        let shifts = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
-        let full = n / 8;
-        for e in 0..full {
-            let byte = _mm256_set1_epi32((word >> (8 * e)) as i32);
-            let live =
-                _mm256_castsi256_ps(_mm256_srai_epi32::<31>(_mm256_sllv_epi32(byte, shifts)));
-            // SAFETY: the values 8 * e .. 8 * e + 8 lie inside each slice (`8 * e + 8 <= n`,
-            // and every slice was cut to `n` values).
-            unsafe {
-                let (pp, mp) = (p.as_mut_ptr().add(8 * e), m.as_mut_ptr().add(8 * e));
-                let (vp, gp) = (v.as_mut_ptr().add(8 * e), g.as_ptr().add(8 * e));
-                let gq = _mm256_and_ps(_mm256_loadu_ps(gp), live);
-                let (pq, mq, vq) = (
-                    _mm256_loadu_ps(pp),
-                    _mm256_loadu_ps(mp),
-                    _mm256_loadu_ps(vp),
-                );
-                let gj = _mm256_add_ps(gq, _mm256_mul_ps(wd, pq));
-                let mq = _mm256_add_ps(_mm256_mul_ps(b1, mq), _mm256_mul_ps(ob1, gj));
-                let vq = _mm256_add_ps(
-                    _mm256_mul_ps(b2, vq),
-                    _mm256_mul_ps(_mm256_mul_ps(ob2, gj), gj),
-                );
-                let d = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vq), c), eps);
-                let pn = _mm256_sub_ps(pq, _mm256_div_ps(_mm256_mul_ps(step, mq), d));
-                _mm256_storeu_ps(mp, mq);
-                _mm256_storeu_ps(vp, vq);
-                _mm256_storeu_ps(pp, _mm256_and_ps(pn, live));
+        // Vector `j` of a 32-value group gets the group's bit `8 j + b` in the sign bit of its
+        // lane `b` (then across the lane): the group's 32 bits are broadcast once, and each
+        // vector's lane masks are one shift and one arithmetic shift.
+        let shifts = [
+            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+            _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+            _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+            _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+        ];
+        let full = cols / 8; // whole vectors per row
+        for r in 0..p.len() / cols {
+            let start = r * cols;
+            let words = mask.row_words(row0 + r);
+            for q in 0..full.div_ceil(4) {
+                let group = _mm256_set1_epi32((words[q / 2] >> (32 * (q % 2))) as i32);
+                for (j, shift) in shifts.iter().enumerate().take(full - 4 * q) {
+                    let live = _mm256_castsi256_ps(_mm256_srai_epi32::<31>(_mm256_sllv_epi32(
+                        group, *shift,
+                    )));
+                    // SAFETY: the values start + o .. start + o + 8 (o = 32 q + 8 j, the
+                    // vector 4 q + j < full) lie inside the row (o + 8 <= cols), so inside
+                    // each slice (checked above).
+                    unsafe {
+                        let o = start + 32 * q + 8 * j;
+                        let (pp, mp) = (p.as_mut_ptr().add(o), m.as_mut_ptr().add(o));
+                        let (vp, gp) = (v.as_mut_ptr().add(o), g.as_ptr().add(o));
+                        let gq = _mm256_and_ps(_mm256_loadu_ps(gp), live);
+                        let (pq, mq, vq) = (
+                            _mm256_loadu_ps(pp),
+                            _mm256_loadu_ps(mp),
+                            _mm256_loadu_ps(vp),
+                        );
+                        let gj = _mm256_add_ps(gq, _mm256_mul_ps(wd, pq));
+                        let mq = _mm256_add_ps(_mm256_mul_ps(b1, mq), _mm256_mul_ps(ob1, gj));
+                        let vq = _mm256_add_ps(
+                            _mm256_mul_ps(b2, vq),
+                            _mm256_mul_ps(_mm256_mul_ps(ob2, gj), gj),
+                        );
+                        let d = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vq), c), eps);
+                        let pn = _mm256_sub_ps(pq, _mm256_div_ps(_mm256_mul_ps(step, mq), d));
+                        _mm256_storeu_ps(mp, mq);
+                        _mm256_storeu_ps(vp, vq);
+                        _mm256_storeu_ps(pp, _mm256_and_ps(pn, live));
+                    }
+                }
             }
-        }
-        if 8 * full < n {
-            let r = 8 * full..n;
-            let bits = (word >> (8 * full)) as u32;
-            self.apply_lanes(
-                &mut p[r.clone()],
-                &mut m[r.clone()],
-                &mut v[r.clone()],
-                &g[r],
-                bits,
-            );
+            if 8 * full < cols {
+                let t = start + 8 * full..start + cols;
+                let bits = (words[full / 8] >> (8 * (full % 8))) as u32;
+                self.apply_lanes(
+                    &mut p[t.clone()],
+                    &mut m[t.clone()],
+                    &mut v[t.clone()],
+                    &g[t],
+                    bits,
+                );
+            }
         }
     }
 
@@ -761,7 +785,7 @@ fn masked_update(
         .for_each(|(row0, p, a, b, g)| masked_rows(rule, mask, row0, p, a, b, g, avx512, avx2));
 }
 
-/// Whether the CPU has AVX2 (for [`AdamStep::apply_avx2`]).
+/// Whether the CPU has AVX2 (for [`AdamStep::rows_avx2`]).
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -787,10 +811,10 @@ fn has_avx512f() -> bool {
 
 bb_actuators::multiversion! {
     /// The masked update of whole rows `row0..` held in `p` (and the matching state): Adam on
-    /// a CPU with AVX-512F (`avx512`) takes every word through [`AdamStep::apply_avx512`];
-    /// otherwise runs of mask words with every value live take the plain loop and the other
-    /// words the lane loop, Adam's through [`AdamStep::apply_avx2`] on a CPU with AVX2
-    /// (`avx2`).
+    /// a CPU with AVX-512F (`avx512`) takes every word through [`AdamStep::apply_avx512`],
+    /// on one with AVX2 (`avx2`) every row through [`AdamStep::rows_avx2`]; otherwise runs of
+    /// mask words with every value live take the plain loop and the other words the lane
+    /// loop.
     #[allow(clippy::too_many_arguments)]
     fn masked_rows(
         rule: &Rule,
@@ -825,6 +849,13 @@ bb_actuators::multiversion! {
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if let (Rule::Adam(k), true) = (rule, avx2) {
+            // Every word through the vector update here too, in one call per task.
+            // SAFETY: `avx2` says the CPU has AVX2.
+            return unsafe { k.rows_avx2(mask, row0, p, a, b, g) };
+        }
+        let _ = avx2;
         let mut run = 0; // start of the pending run of live values
         for r in 0..p.len() / cols {
             let start = r * cols;
@@ -839,13 +870,6 @@ bb_actuators::multiversion! {
                     rule.plain(run..lo, p, a, b, g, avx512);
                 }
                 run = lo + n;
-                #[cfg(target_arch = "x86_64")]
-                if let (Rule::Adam(k), true) = (rule, avx2) {
-                    // SAFETY: `avx2` says the CPU has AVX2.
-                    unsafe { k.apply_avx2(lo..lo + n, p, a, b, g, w) };
-                    continue;
-                }
-                let _ = avx2;
                 rule.lanes(lo..lo + n, p, a, b, g, w);
             }
         }
@@ -956,8 +980,14 @@ mod tests {
             .map(|&n| (0..n).map(|_| r.gen_range(-1.0..1.0)).collect())
             .collect();
         let (mut pm, mut ps, mut psm) = (p.clone(), p.clone(), p.clone());
-        let mut pq = p.clone();
-        let mut portable = Optimizer::new(cfg, &sizes);
+        // the portable loops, and the AVX2 loop where the CPU has it (whatever
+        // `update_masked` picks on this CPU)
+        let sets: Vec<(bool, bool)> = [(false, false), (false, true)]
+            .into_iter()
+            .filter(|&(_, avx2)| !avx2 || has_avx2())
+            .collect();
+        let mut pq = vec![p.clone(); sets.len()];
+        let mut portable = vec![Optimizer::new(cfg, &sizes); sets.len()];
         for step in 0..3 {
             let grads: Vec<Vec<f32>> = sizes
                 .iter()
@@ -969,21 +999,14 @@ mod tests {
             let live: Vec<Option<&BitMask>> = masks.iter().map(Some).collect();
             let mut refs: Vec<&mut [f32]> = pm.iter_mut().map(|v| v.as_mut_slice()).collect();
             masked.update_masked(&mut refs, &gs, 0.01, &live);
-            portable.step += 1;
-            let rule = portable.rule(0.01);
-            for l in 0..sizes.len() {
-                let (m, v) = (&mut portable.m[l], &mut portable.v[l]);
-                masked_rows(
-                    &rule,
-                    Some(&masks[l]),
-                    0,
-                    &mut pq[l],
-                    m,
-                    v,
-                    &grads[l],
-                    false,
-                    false,
-                );
+            for ((opt, pq), &(avx512, avx2)) in portable.iter_mut().zip(&mut pq).zip(&sets) {
+                opt.step += 1;
+                let rule = opt.rule(0.01);
+                for l in 0..sizes.len() {
+                    let (m, v) = (&mut opt.m[l], &mut opt.v[l]);
+                    let (p, g) = (&mut pq[l], &grads[l]);
+                    masked_rows(&rule, Some(&masks[l]), 0, p, m, v, g, avx512, avx2);
+                }
             }
             // the scalar rule, and the scalar rule with dead gradients and values zeroed
             scalar.step += 1;
@@ -1010,11 +1033,13 @@ mod tests {
                     bits(&psm[l]),
                     "masked: step {step} parameter {l}"
                 );
-                assert_eq!(
-                    bits(&pq[l]),
-                    bits(&psm[l]),
-                    "portable: step {step} parameter {l}"
-                );
+                for (pq, set) in pq.iter().zip(&sets) {
+                    assert_eq!(
+                        bits(&pq[l]),
+                        bits(&psm[l]),
+                        "{set:?}: step {step} parameter {l}"
+                    );
+                }
             }
             assert_eq!(opt.state_buffers(), scalar.state_buffers(), "step {step}");
             assert_eq!(
@@ -1022,11 +1047,13 @@ mod tests {
                 scalar_masked.state_buffers(),
                 "masked: step {step}"
             );
-            assert_eq!(
-                portable.state_buffers(),
-                scalar_masked.state_buffers(),
-                "portable: step {step}"
-            );
+            for (opt, set) in portable.iter().zip(&sets) {
+                assert_eq!(
+                    opt.state_buffers(),
+                    scalar_masked.state_buffers(),
+                    "{set:?}: step {step}"
+                );
+            }
         }
     }
 
