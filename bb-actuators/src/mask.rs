@@ -201,7 +201,7 @@ crate::multiversion! {
 /// On CPUs with AVX-512 (F and BW), eight word columns at a time go down the rows: runs of
 /// 15 rows are summed in bit planes, whose words then add their weights to byte counters
 /// held in registers (widened into `out` every 255 rows); elsewhere (and for the last word
-/// columns) [`col_counts_lanes`].
+/// columns) [`col_counts_planes`].
 pub(crate) fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
@@ -209,10 +209,10 @@ pub(crate) fn col_counts(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: 
         // SAFETY: the CPU has AVX-512F and BW (checked just above).
         unsafe { col_counts_avx512(bits, wpr, w0, &mut out[..groups * 512]) };
         let done = groups * 512;
-        col_counts_lanes(bits, wpr, w0 + groups * 8, cols, &mut out[done..]);
+        col_counts_planes(bits, wpr, w0 + groups * 8, cols, &mut out[done..]);
         return;
     }
-    col_counts_lanes(bits, wpr, w0, cols, out)
+    col_counts_planes(bits, wpr, w0, cols, out)
 }
 
 /// [`col_counts`] for whole groups of eight word columns (`out.len()` a multiple of 512).
@@ -276,19 +276,40 @@ unsafe fn col_counts_avx512(bits: &[u64], wpr: usize, w0: usize, out: &mut [u32]
 }
 
 crate::multiversion! {
-    /// [`col_counts`] as a branch-free loop over all 64 lanes of each word, which vectorizes.
-    fn col_counts_lanes(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
-        let mut acc = [0u32; 64];
-        for (i, o) in out.chunks_mut(64).enumerate() {
-            let wi = w0 + i;
+    /// [`col_counts`] eight word columns (one cache line of each row) at a time, down the
+    /// rows: runs of up to 255 rows are summed in eight bit planes (a ripple-carry adder on
+    /// the eight words of a row at once), and each plane's bits then add their weight to the
+    /// columns' counts in a branch-free loop over all 64 lanes of each word, which vectorizes.
+    /// (Going down the rows one word column at a time would read every cache line of the
+    /// mask eight times.)
+    fn col_counts_planes(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
+        let mut acc = [0u32; 512];
+        for (g, o) in out.chunks_mut(512).enumerate() {
+            let wi = w0 + 8 * g;
+            let gw = (wpr - wi).min(8); // word columns in this group
             acc.fill(0);
-            for row in bits.chunks_exact(wpr) {
-                let w = row[wi];
-                for (b, a) in acc.iter_mut().enumerate() {
-                    *a += ((w >> b) & 1) as u32;
+            for run in bits.chunks(255 * wpr) {
+                let mut planes = [[0u64; 8]; 8];
+                for row in run.chunks_exact(wpr) {
+                    let mut carry = [0u64; 8];
+                    carry[..gw].copy_from_slice(&row[wi..wi + gw]);
+                    for plane in &mut planes {
+                        for (p, c) in plane.iter_mut().zip(&mut carry) {
+                            let next = *p & *c;
+                            *p ^= *c;
+                            *c = next;
+                        }
+                    }
+                }
+                for (k, plane) in planes.iter().enumerate() {
+                    for (&w, a) in plane.iter().zip(acc.chunks_exact_mut(64)) {
+                        for (b, a) in a.iter_mut().enumerate() {
+                            *a += (((w >> b) & 1) as u32) << k;
+                        }
+                    }
                 }
             }
-            let n = (cols - wi * 64).min(64).min(o.len());
+            let n = (cols - wi * 64).min(o.len()).min(512);
             o[..n].copy_from_slice(&acc[..n]);
         }
     }
