@@ -258,8 +258,9 @@ impl Optimizer {
     /// The result is bit-identical to zeroing the dead gradients, calling
     /// [`Optimizer::update`] and zeroing the dead values, but it is one pass over the memory
     /// instead of three: each mask word's values go through the update with the word's bits
-    /// as lane masks (Adam on a CPU with AVX-512F), or words with every value live run the
-    /// plain loop and the others the same loop with the values ANDed with the lane masks.
+    /// as lane masks (Adam on a CPU with AVX-512F or AVX2), or words with every value live
+    /// run the plain loop and the others the same loop with the values ANDed with the lane
+    /// masks.
     ///
     /// Panics, like [`Optimizer::update`], if the counts or lengths do not match the
     /// parameters the optimizer was made for.
@@ -715,7 +716,8 @@ impl Rule {
     /// The update of `p[range]` (at most 64 values) with the gradients and values ANDed with
     /// the lane masks of the mask word `word`, in halves of 32 lanes (each lane's mask
     /// computed from its bit in the vector loop). Adam on AVX-512 CPUs takes
-    /// [`AdamStep::apply_avx512`] instead (see `masked_rows`).
+    /// [`AdamStep::apply_avx512`] instead, on AVX2 CPUs [`AdamStep::rows_avx2`] (see
+    /// `masked_rows`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn lanes(
@@ -945,7 +947,8 @@ mod tests {
     /// The vector code of `update` and `update_masked` gives, bit for bit, the scalar rule of
     /// one value at a time: lengths with whole words, partial 16-value quarters, a lone value
     /// and parallel chunks; masks with dead values and every value live. The portable masked
-    /// loop (CPUs without AVX2 or AVX-512F) is run too and gives the same.
+    /// loop (CPUs without AVX2 or AVX-512F) and, where the CPU has AVX2, the AVX2 rows are
+    /// run too and give the same.
     #[test]
     fn vector_updates_equal_the_scalar_rule() {
         use rand::{Rng, SeedableRng};
