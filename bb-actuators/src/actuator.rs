@@ -133,6 +133,8 @@ pub struct ActuatorScratch {
     pub(crate) bits: Vec<Vec<u32>>,
     /// Per column: SP-out's bracket ends, then its thresholds split into two halves.
     pub(crate) cut: Vec<u32>,
+    /// SP-out: the bracket ends of `cut` as signed bounds (see [`crate::flat::Cuts`]).
+    pub(crate) cut_gt: Vec<i32>,
     /// Per worker: SP-out's column counts and bracket keys.
     pub(crate) columns: Vec<crate::flat::ColumnScratch>,
     /// SP-out: the mask words of the columns that kept their brackets (one per mask word).

@@ -60,10 +60,11 @@ trait Kernels {
     /// Which of the word's edges have score bits `>= lo`.
     fn at_least(bits: &[u32], lo: u32) -> u64;
     /// Columns: [`Portable::count_columns`] on every word of `N` rows (mask words `words`,
-    /// `cols.div_ceil(64)` per row; values `w`/`h`, `cols` per row): the edges at or above
-    /// their column's bracket go to `pre` (one word per mask word), the keys inside it (rows'
-    /// low key halves `key_rows`) to `keys`. Returns whether a scored value is non-finite
-    /// (the other results are then unspecified).
+    /// `cols.div_ceil(64)` per row; values `w`/`h`, `cols` per row) against the columns'
+    /// brackets `cut`: the edges at or above their column's bracket go to `pre` (one word
+    /// per mask word), the keys inside it (rows' low key halves `key_rows`) to `keys`.
+    /// Returns whether a scored value is non-finite (the other results are then
+    /// unspecified).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn count_words<const N: usize>(
@@ -72,15 +73,14 @@ trait Kernels {
         w: &[f32],
         h: &[f32],
         regrow: bool,
-        lo: &[u32],
-        hi: &[u32],
+        cut: Cuts<'_>,
         pre: &mut [u64],
         key_rows: [u64; N],
         keys: &mut Inside<'_>,
     ) -> bool {
         let mut bits = [[0u32; 64]; N];
         (0..cols.div_ceil(64)).any(|wi| {
-            let cut = (lo, hi, &mut bits);
+            let cut = (cut.lo, cut.hi, &mut bits);
             count_word::<N>(cols, wi, words, w, h, regrow, cut, pre, key_rows, keys)
         })
     }
@@ -98,6 +98,39 @@ trait Kernels {
         ti: &[u32],
         need: u64,
     ) -> u64;
+}
+
+/// SP-out's bracket ends for the counting pass: per column the low and high end (`lo`,
+/// `hi`, score bits), and the same ends as signed bounds (`lo_gt`, `hi_gt`, see
+/// [`at_least_bound`]) for kernels whose lanes compare signed.
+#[derive(Clone, Copy)]
+pub(crate) struct Cuts<'a> {
+    lo: &'a [u32],
+    hi: &'a [u32],
+    lo_gt: &'a [i32],
+    hi_gt: &'a [i32],
+}
+
+impl<'a> Cuts<'a> {
+    /// From `[lo; cols]` then `[hi; cols]` in `cut`, and their signed bounds in the same
+    /// layout in `gt`.
+    fn new(cut: &'a [u32], gt: &'a [i32], cols: usize) -> Self {
+        let (lo, hi) = cut[..2 * cols].split_at(cols);
+        let (lo_gt, hi_gt) = gt[..2 * cols].split_at(cols);
+        Cuts {
+            lo,
+            hi,
+            lo_gt,
+            hi_gt,
+        }
+    }
+}
+
+/// The signed bound `t` such that, for score bits `s` (at most `i32::MAX`), `s as i32 > t`
+/// is `s >= lo` (for any `u32` `lo`).
+#[inline(always)]
+fn at_least_bound(lo: u32) -> i32 {
+    lo.min(0x8000_0000).wrapping_sub(1) as i32
 }
 
 /// One word's edges against a bracket `lo..hi`, from [`Portable::score`].
@@ -647,13 +680,13 @@ impl Kernels for Avx512 {
         w: &[f32],
         h: &[f32],
         regrow: bool,
-        lo: &[u32],
-        hi: &[u32],
+        cut: Cuts<'_>,
         pre: &mut [u64],
         key_rows: [u64; N],
         keys: &mut Inside<'_>,
     ) -> bool {
         use std::arch::x86_64::*;
+        let (lo, hi) = (cut.lo, cut.hi);
         let (wpr, full) = (cols.div_ceil(64), cols / 64);
         let h = if regrow { h } else { w };
         assert!(
@@ -1158,6 +1191,11 @@ mod tests {
     }
 
     /// The kernel sets this CPU runs (see [`rows_flat_block`]), the portable one first.
+    /// The signed bounds of bracket ends (see [`Cuts`]).
+    fn signed(cut: &[u32]) -> Vec<i32> {
+        cut.iter().map(|&b| at_least_bound(b)).collect()
+    }
+
     fn kernel_sets() -> Vec<Set> {
         let mut sets = vec![Set::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -1418,7 +1456,17 @@ mod tests {
                 let mut pre = vec![0u64; rows * wpr];
                 with_set!(
                     set,
-                    count_columns_rows(cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs)
+                    count_columns_rows(
+                        cols,
+                        7,
+                        true,
+                        &words,
+                        &w,
+                        &h,
+                        Cuts::new(&cut, &signed(&cut), cols),
+                        &mut pre,
+                        &mut cs
+                    )
                 );
                 assert_eq!(cs.bad, Some(7 + first), "{set:?}");
             }
@@ -1486,7 +1534,17 @@ mod tests {
                 let mut pre = vec![0u64; rows * wpr];
                 with_set!(
                     set,
-                    count_columns_rows(cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs)
+                    count_columns_rows(
+                        cols,
+                        r0,
+                        regrow,
+                        &words,
+                        &w,
+                        &h,
+                        Cuts::new(&cut, &signed(&cut), cols),
+                        &mut pre,
+                        &mut cs
+                    )
                 );
                 let case = format!("wide {wide}, regrow {regrow}, {set:?}");
                 assert_eq!(cs.bad, None, "{case}");
@@ -1572,7 +1630,17 @@ mod tests {
             let (mut mw, mut wv, mut hv) = (words.clone(), w.clone(), h.clone());
             with_set!(
                 set,
-                count_columns_rows(cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs)
+                count_columns_rows(
+                    cols,
+                    0,
+                    regrow,
+                    &words,
+                    &w,
+                    &h,
+                    Cuts::new(&cut, &signed(&cut), cols),
+                    &mut pre,
+                    &mut cs
+                )
             );
             let st = with_set!(
                 set,
@@ -1652,8 +1720,6 @@ pub(crate) struct ColumnScratch {
     log: Vec<u64>,
     log_cols: Vec<u32>,
     logged: Option<usize>,
-    /// One chunk's column sums of `pre` bits (see [`count_columns_rows`]).
-    chunk_counts: Vec<u32>,
     /// The worker's rows' parts of the mask fingerprint (see [`row_part`]).
     parts: u64,
     /// The first row with a non-finite score.
@@ -1782,7 +1848,11 @@ pub(crate) fn column_brackets(
     if scratch.columns.len() < used {
         scratch.columns.resize_with(used, ColumnScratch::default);
     }
+    scratch.cut_gt.clear();
+    let gt = scratch.cut.iter().map(|&b| at_least_bound(b));
+    scratch.cut_gt.extend(gt);
     let cut = &scratch.cut;
+    let cuts = Cuts::new(cut, &scratch.cut_gt, cols);
     // Every word is written by the counting pass below.
     scratch.pre.resize(rows * wpr, 0);
     // With the caches only the live edges are scored.
@@ -1796,7 +1866,7 @@ pub(crate) fn column_brackets(
             .zip(scratch.columns[..used].par_iter_mut())
             .enumerate()
             .for_each(|(b, ((((mw, wr), hr), pre), cs))| {
-                count_columns_block(cols, b * rows_per, score_dead, mw, wr, hr, cut, pre, cs);
+                count_columns_block(cols, b * rows_per, score_dead, mw, wr, hr, cuts, pre, cs);
             });
         let columns = &scratch.columns[..used];
         if let Some(r) = columns.iter().filter_map(|cs| cs.bad).min() {
@@ -1981,8 +2051,8 @@ pub(crate) fn seal_column_caches(cache: &mut [u64], rows: usize, parts: u64, reg
 
 kernel_entry! {
     /// [`column_brackets`]' pass over rows `r0..` (mask words `words`, weights `w`, shadow
-    /// `h`), with the columns' bracket ends in `cut` (`[lo; cols]` then `[hi; cols]`); the
-    /// edges at or above their column's bracket go to `pre` (one word per mask word).
+    /// `h`), with the columns' bracket ends in `cut`; the edges at or above their column's
+    /// bracket go to `pre` (one word per mask word).
     fn count_columns_block = count_columns_rows(
         cols: usize,
         r0: usize,
@@ -1990,7 +2060,7 @@ kernel_entry! {
         words: &[u64],
         w: &[f32],
         h: &[f32],
-        cut: &[u32],
+        cut: Cuts<'_>,
         pre: &mut [u64],
         cs: &mut ColumnScratch,
     ) -> ()
@@ -2005,12 +2075,11 @@ fn count_columns_rows<K: Kernels>(
     words: &[u64],
     w: &[f32],
     h: &[f32],
-    cut: &[u32],
+    cut: Cuts<'_>,
     pre: &mut [u64],
     cs: &mut ColumnScratch,
 ) {
     let wpr = cols.div_ceil(64);
-    let (lo, hi) = cut.split_at(cols);
     cs.counts.clear();
     cs.counts.resize(2 * cols, 0);
     if cs.lists.len() < cols * LIST_CAP {
@@ -2034,63 +2103,44 @@ fn count_columns_rows<K: Kernels>(
         parts: 0,
     };
     let keys = &mut inside;
-    cs.chunk_counts.resize(cols, 0);
     let rows = words.len() / wpr;
-    // Chunks of CHUNK rows, in groups of GROUP (the last few alone); after each chunk the
-    // edges at or above their column's bracket, the bits of its `pre` words (so far), are
-    // summed per column while those words are still in cache. (A counter per column in the
-    // counting loop itself cost more: its loads and stores outweighed the loop's other work.)
-    let mut bad = None;
-    for c0 in (0..rows).step_by(CHUNK) {
-        let c1 = (c0 + CHUNK).min(rows);
-        let (words, w, h) = (
-            &words[c0 * wpr..c1 * wpr],
-            &w[c0 * cols..c1 * cols],
-            &h[c0 * cols..c1 * cols],
-        );
-        let pre = &mut pre[c0 * wpr..c1 * wpr];
-        let g = GROUP * ((c1 - c0) / GROUP);
-        let (wg, wt) = words.split_at(g * wpr);
-        let (pg, pt) = pre.split_at_mut(g * wpr);
-        bad = wg
-            .chunks(GROUP * wpr)
-            .zip(w.chunks(GROUP * cols))
-            .zip(h.chunks(GROUP * cols))
-            .zip(pg.chunks_mut(GROUP * wpr))
-            .enumerate()
-            .find_map(|(i, (((mw, wr), hr), pw))| {
-                let r = r0 + c0 + GROUP * i;
-                count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
-            })
-            .or_else(|| {
-                wt.chunks(wpr)
-                    .zip(w[g * cols..].chunks(cols))
-                    .zip(h[g * cols..].chunks(cols))
-                    .zip(pt.chunks_mut(wpr))
-                    .enumerate()
-                    .find_map(|(i, (((mw, wr), hr), pw))| {
-                        let r = r0 + c0 + g + i;
-                        count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, lo, hi, pw, keys)
-                    })
-            });
-        if bad.is_some() {
-            break;
-        }
-        crate::mask::col_counts(pre, wpr, 0, cols, &mut cs.chunk_counts);
-        for (n, &m) in ch.iter_mut().zip(&cs.chunk_counts) {
-            *n += m;
-        }
+    // Rows in groups of GROUP (the last few alone). Then the edges at or above their
+    // column's bracket, the bits of the block's `pre` words, are summed per column in one
+    // pass over those words (a counter per column in the counting loop itself cost more: its
+    // loads and stores outweighed the loop's other work; sums after every few rows, while
+    // the words were still in cache, spent more on widening the sums than they saved).
+    let g = GROUP * (rows / GROUP);
+    let (wg, wt) = words.split_at(g * wpr);
+    let (pg, pt) = pre.split_at_mut(g * wpr);
+    let bad = wg
+        .chunks(GROUP * wpr)
+        .zip(w.chunks(GROUP * cols))
+        .zip(h.chunks(GROUP * cols))
+        .zip(pg.chunks_mut(GROUP * wpr))
+        .enumerate()
+        .find_map(|(i, (((mw, wr), hr), pw))| {
+            let r = r0 + GROUP * i;
+            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
+        })
+        .or_else(|| {
+            wt.chunks(wpr)
+                .zip(w[g * cols..].chunks(cols))
+                .zip(h[g * cols..].chunks(cols))
+                .zip(pt.chunks_mut(wpr))
+                .enumerate()
+                .find_map(|(i, (((mw, wr), hr), pw))| {
+                    let r = r0 + g + i;
+                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
+                })
+        });
+    if bad.is_none() {
+        crate::mask::col_counts(&pre[..rows * wpr], wpr, 0, cols, ch);
     }
     inside.flush();
     cs.logged = (!inside.spilled).then_some(inside.at);
     cs.parts = inside.parts;
     cs.bad = bad;
 }
-
-/// Rows of SP-out's counting pass between two column sums of their `pre` words: few enough
-/// that the words are still in cache (the weights of 30 rows of 4096 columns are 480 KiB),
-/// a multiple of [`GROUP`] and of the 15-row runs of [`crate::mask::col_counts`].
-const CHUNK: usize = 30;
 
 /// [`count_columns_rows`] on `N` consecutive rows from row `r` (their mask words, values
 /// and `pre` words), all of them together ([`Kernels::count_words`]): the keys inside the
@@ -2105,8 +2155,7 @@ fn count_rows<K: Kernels, const N: usize>(
     words: &[u64],
     w: &[f32],
     h: &[f32],
-    lo: &[u32],
-    hi: &[u32],
+    cut: Cuts<'_>,
     pre: &mut [u64],
     inside_keys: &mut Inside<'_>,
 ) -> Option<usize> {
@@ -2115,18 +2164,7 @@ fn count_rows<K: Kernels, const N: usize>(
         inside_keys.parts ^= row_part(r + n, row);
     }
     let key_rows = std::array::from_fn(|n| u64::from(u32::MAX) - (r + n) as u64);
-    if !K::count_words::<N>(
-        cols,
-        words,
-        w,
-        h,
-        regrow,
-        lo,
-        hi,
-        pre,
-        key_rows,
-        inside_keys,
-    ) {
+    if !K::count_words::<N>(cols, words, w, h, regrow, cut, pre, key_rows, inside_keys) {
         return None;
     }
     // The first row with a non-finite score.

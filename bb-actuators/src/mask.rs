@@ -286,13 +286,15 @@ crate::multiversion! {
         let mut acc = [0u32; 512];
         for (g, o) in out.chunks_mut(512).enumerate() {
             let wi = w0 + 8 * g;
-            let gw = (wpr - wi).min(8); // word columns in this group
             acc.fill(0);
             for run in bits.chunks(255 * wpr) {
                 let mut planes = [[0u64; 8]; 8];
                 for row in run.chunks_exact(wpr) {
-                    let mut carry = [0u64; 8];
-                    carry[..gw].copy_from_slice(&row[wi..wi + gw]);
+                    // (A copy of a runtime length would be a library call per row.)
+                    let mut carry = match row[wi..].first_chunk::<8>() {
+                        Some(c) => *c,
+                        None => std::array::from_fn(|j| row.get(wi + j).copied().unwrap_or(0)),
+                    };
                     for plane in &mut planes {
                         for (p, c) in plane.iter_mut().zip(&mut carry) {
                             let next = *p & *c;

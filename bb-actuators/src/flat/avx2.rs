@@ -10,8 +10,8 @@
 //! [`super::rows_flat_block`]).
 
 use super::{
-    check_row, count_word, log_inside, prefetch_ahead, score_tail, Inside, Kernels, Portable,
-    RowScore,
+    at_least_bound, check_row, count_word, log_inside, prefetch_ahead, score_tail, Cuts, Inside,
+    Kernels, Portable, RowScore,
 };
 use std::arch::x86_64::*;
 
@@ -31,6 +31,40 @@ fn live_signs(byte: u32) -> __m256i {
     }
 }
 
+/// The live flags of the 32 edges of a half mask word (`half`), 8 at a time: vector `e`'s
+/// lanes hold bits `8 * e..8 * e + 8` in their sign bits. One broadcast serves all four
+/// (each is then one variable shift).
+#[inline(always)]
+fn half_signs(half: u32) -> [__m256i; 4] {
+    // SAFETY: AVX2 is the caller's contract (module doc).
+    unsafe {
+        let b = _mm256_set1_epi32(half as i32);
+        [
+            _mm256_sllv_epi32(b, _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24)),
+            _mm256_sllv_epi32(b, _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16)),
+            _mm256_sllv_epi32(b, _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8)),
+            _mm256_sllv_epi32(b, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)),
+        ]
+    }
+}
+
+/// The sign bits of four vectors' 32 lanes (`v[0]` first) as bits 0..32: two signed
+/// packs keep every sign, one lane permutation puts the bytes back in order, and one
+/// `vpmovmskb` reads them (a `vmovmskps` per vector would take three more steps each to
+/// place its byte).
+#[inline(always)]
+fn bits32(v: [__m256i; 4]) -> u64 {
+    // SAFETY: AVX2 is the caller's contract (module doc).
+    unsafe {
+        // Per 128-bit lane: v0, v1 (words), then v0, v1, v2, v3 (bytes), four values each.
+        let a = _mm256_packs_epi32(v[0], v[1]);
+        let b = _mm256_packs_epi32(v[2], v[3]);
+        let c = _mm256_packs_epi16(a, b);
+        let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        u64::from(_mm256_movemask_epi8(c) as u32)
+    }
+}
+
 /// The 8 values from `at` of a word's edges: weights where `byte` has a bit, shadow values
 /// elsewhere with regrowth (without it dead edges are not candidates: zero, and the shadow
 /// is not read).
@@ -40,8 +74,17 @@ fn live_signs(byte: u32) -> __m256i {
 #[inline(always)]
 unsafe fn load8(w: &[f32], h: &[f32], at: usize, byte: u32, regrow: bool) -> __m256i {
     // SAFETY: the caller's contract.
+    unsafe { load8_signs(w, h, at, live_signs(byte), regrow) }
+}
+
+/// [`load8`] with the live flags in the lanes' sign bits.
+///
+/// # Safety
+/// As for [`load8`].
+#[inline(always)]
+unsafe fn load8_signs(w: &[f32], h: &[f32], at: usize, live: __m256i, regrow: bool) -> __m256i {
+    // SAFETY: the caller's contract.
     unsafe {
-        let live = live_signs(byte);
         let x = if regrow {
             _mm256_blendv_ps(
                 _mm256_loadu_ps(h.as_ptr().add(at)),
@@ -67,13 +110,6 @@ fn bits8(v: __m256i) -> u64 {
 fn ge_u32(a: __m256i, b: __m256i) -> __m256i {
     // SAFETY: AVX2 is the caller's contract (module doc).
     unsafe { _mm256_cmpeq_epi32(_mm256_max_epu32(a, b), a) }
-}
-
-/// The signed bound `t` such that, for score bits `s` (at most `i32::MAX`), `s > t` is
-/// `s >= lo` (for any `u32` `lo`).
-#[inline(always)]
-fn at_least_bound(lo: u32) -> i32 {
-    lo.min(0x8000_0000).wrapping_sub(1) as i32
 }
 
 /// Which of the 64 columns from `c0` lie at or before column `ti`.
@@ -110,7 +146,7 @@ fn score_row<const DEAD: bool>(
     check_row(words, h, bits, keys, tmp, cols);
     let (mut above_hi, mut n) = (0usize, 0usize);
     // SAFETY: the lengths were checked above (for `wi < full`, `at + 8 <= 64 * full <=
-    // cols`, so `load8` has 8 values from `at` and `bits` room for 8); AVX2 is the caller's
+    // cols`, so `load8_signs` has 8 values from `at` and `bits` room for 8); AVX2 is the caller's
     // contract.
     let top = unsafe {
         let abs = _mm256_set1_epi32(0x7fff_ffff);
@@ -120,18 +156,26 @@ fn score_row<const DEAD: bool>(
         for wi in 0..full {
             let word = *words.get_unchecked(wi);
             let (mut high, mut above) = (0u64, 0u64);
-            for e in 0..8 {
-                let at = 64 * wi + 8 * e;
-                if e % 2 == 0 {
-                    prefetch_ahead(w, h, DEAD, at);
+            for half in 0..2 {
+                let live = half_signs((word >> (32 * half)) as u32);
+                let zero = _mm256_setzero_si256();
+                let (mut ge_lo, mut ge_hi) = ([zero; 4], [zero; 4]);
+                for e in 0..4 {
+                    let at = 64 * wi + 32 * half + 8 * e;
+                    if e % 2 == 0 {
+                        prefetch_ahead(w, h, DEAD, at);
+                    }
+                    // Without regrowth the dead lanes load as zero (non-candidates' bits).
+                    let v = load8_signs(w, h, at, live[e], DEAD);
+                    let sv = _mm256_and_si256(v, abs);
+                    top = _mm256_max_epu32(top, sv);
+                    _mm256_storeu_si256(bits.as_mut_ptr().add(at).cast(), sv);
+                    // Signs of `bound - s`: see `count_words`.
+                    ge_hi[e] = _mm256_sub_epi32(vhi, sv);
+                    ge_lo[e] = _mm256_sub_epi32(vlo, sv);
                 }
-                // Without regrowth the dead lanes load as zero (non-candidates' bits).
-                let v = load8(w, h, at, (word >> (8 * e)) as u32, DEAD);
-                let sv = _mm256_and_si256(v, abs);
-                top = _mm256_max_epu32(top, sv);
-                _mm256_storeu_si256(bits.as_mut_ptr().add(at).cast(), sv);
-                high |= bits8(_mm256_cmpgt_epi32(sv, vhi)) << (8 * e);
-                above |= bits8(_mm256_cmpgt_epi32(sv, vlo)) << (8 * e);
+                high |= bits32(ge_hi) << (32 * half);
+                above |= bits32(ge_lo) << (32 * half);
             }
             *keys.get_unchecked_mut(wi) = high;
             above_hi += high.count_ones() as usize;
@@ -215,8 +259,7 @@ impl Kernels for Avx2 {
         w: &[f32],
         h: &[f32],
         regrow: bool,
-        lo: &[u32],
-        hi: &[u32],
+        cut: Cuts<'_>,
         pre: &mut [u64],
         key_rows: [u64; N],
         keys: &mut Inside<'_>,
@@ -226,37 +269,51 @@ impl Kernels for Avx2 {
         assert!(
             words.len() >= N * wpr
                 && w.len().min(h.len()) >= N * cols
-                && lo.len().min(hi.len()) >= cols
+                && cut.lo_gt.len().min(cut.hi_gt.len()) >= cols
                 && pre.len() >= N * wpr,
             "count_words: short slices"
         );
         // The steps of [`Portable::count_columns`] on every whole word of the rows in one
-        // loop; a non-finite value is looked for once, at the end.
+        // loop, 32 values of a row at a time (one broadcast of their live flags, one mask
+        // of each comparison); a non-finite value is looked for once, at the end.
         let mut bits = [[0u32; 64]; N];
         // SAFETY: the lengths were checked above (`wi < full <= wpr`, `at + 8 <= 64 * full
-        // <= cols`, so `load8` has 8 values from `n * cols + at`); AVX2 is the caller's
-        // contract.
+        // <= cols`, so `load8_signs` has 8 values from `n * cols + at` and the bounds 8 from
+        // `at`); AVX2 is the caller's contract.
         let top = unsafe {
             let abs = _mm256_set1_epi32(0x7fff_ffff);
             let mut top = _mm256_setzero_si256();
             for wi in 0..full {
                 keys.reserve(N);
                 let (mut above, mut high) = ([0u64; N], [0u64; N]);
-                for e in 0..8 {
-                    let at = 64 * wi + 8 * e;
-                    let l = _mm256_loadu_si256(lo.as_ptr().add(at).cast());
-                    let u = _mm256_loadu_si256(hi.as_ptr().add(at).cast());
+                for half in 0..2 {
+                    let c0 = 64 * wi + 32 * half;
                     for n in 0..N {
-                        let live = (*words.get_unchecked(n * wpr + wi) >> (8 * e)) as u32;
-                        if e % 2 == 0 {
-                            prefetch_ahead(w, h, regrow, n * cols + at);
+                        let word = *words.get_unchecked(n * wpr + wi);
+                        let live = half_signs((word >> (32 * half)) as u32);
+                        let zero = _mm256_setzero_si256();
+                        let (mut ge_lo, mut ge_hi) = ([zero; 4], [zero; 4]);
+                        for e in 0..4 {
+                            let at = c0 + 8 * e;
+                            if e % 2 == 0 {
+                                prefetch_ahead(w, h, regrow, n * cols + at);
+                            }
+                            let v = load8_signs(w, h, n * cols + at, live[e], regrow);
+                            let sv = _mm256_and_si256(v, abs);
+                            top = _mm256_max_epu32(top, sv);
+                            let b = bits[n].as_mut_ptr().add(32 * half + 8 * e);
+                            _mm256_storeu_si256(b.cast(), sv);
+                            let l = _mm256_loadu_si256(cut.lo_gt.as_ptr().add(at).cast());
+                            let u = _mm256_loadu_si256(cut.hi_gt.as_ptr().add(at).cast());
+                            // The sign of `bound - s` is `s > bound` (no overflow:
+                            // `s` is at most `i32::MAX`, a bound at least -1). As a
+                            // difference, not a comparison, the compiler keeps the packs
+                            // in `bits32` (with comparisons it rebuilds each mask first).
+                            ge_lo[e] = _mm256_sub_epi32(l, sv);
+                            ge_hi[e] = _mm256_sub_epi32(u, sv);
                         }
-                        let v = load8(w, h, n * cols + at, live, regrow);
-                        let sv = _mm256_and_si256(v, abs);
-                        top = _mm256_max_epu32(top, sv);
-                        _mm256_storeu_si256(bits[n].as_mut_ptr().add(8 * e).cast(), sv);
-                        above[n] |= bits8(ge_u32(sv, l)) << (8 * e);
-                        high[n] |= bits8(ge_u32(sv, u)) << (8 * e);
+                        above[n] |= bits32(ge_lo) << (32 * half);
+                        high[n] |= bits32(ge_hi) << (32 * half);
                     }
                 }
                 for n in 0..N {
@@ -274,7 +331,7 @@ impl Kernels for Avx2 {
             return false;
         }
         // The partial last word.
-        let cut = (lo, hi, &mut bits);
+        let cut = (cut.lo, cut.hi, &mut bits);
         count_word::<N>(cols, full, words, w, h, regrow, cut, pre, key_rows, keys)
     }
 
