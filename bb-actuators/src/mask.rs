@@ -275,23 +275,29 @@ unsafe fn col_counts_avx512(bits: &[u64], wpr: usize, w0: usize, out: &mut [u32]
     }
 }
 
+/// Word columns that [`col_counts_planes`] takes down the rows together.
+const PLANE_WORDS: usize = 4;
+
 crate::multiversion! {
-    /// [`col_counts`] eight word columns (one cache line of each row) at a time, down the
-    /// rows: runs of up to 255 rows are summed in eight bit planes (a ripple-carry adder on
-    /// the eight words of a row at once), and each plane's bits then add their weight to the
-    /// columns' counts in a branch-free loop over all 64 lanes of each word, which vectorizes.
-    /// (Going down the rows one word column at a time would read every cache line of the
-    /// mask eight times.)
+    /// [`col_counts`] [`PLANE_WORDS`] word columns (half a cache line of each row) at a time,
+    /// down the rows: runs of up to 255 rows are summed in eight bit planes (a ripple-carry
+    /// adder on those words of a row at once, one 256-bit vector per plane, so that the
+    /// planes stay in registers), and each plane's bits then add their weight to the
+    /// columns' counts in a branch-free loop over all 64 lanes of each word, which
+    /// vectorizes. (Going down the rows one word column at a time would read every cache
+    /// line of the mask eight times; the other half of a line is read again from the
+    /// mid-level cache, as a run of 255 rows of a 4096-column mask is 128 KiB.)
     fn col_counts_planes(bits: &[u64], wpr: usize, w0: usize, cols: usize, out: &mut [u32]) {
-        let mut acc = [0u32; 512];
-        for (g, o) in out.chunks_mut(512).enumerate() {
-            let wi = w0 + 8 * g;
+        const G: usize = PLANE_WORDS;
+        let mut acc = [0u32; 64 * G];
+        for (g, o) in out.chunks_mut(64 * G).enumerate() {
+            let wi = w0 + G * g;
             acc.fill(0);
             for run in bits.chunks(255 * wpr) {
-                let mut planes = [[0u64; 8]; 8];
+                let mut planes = [[0u64; G]; 8];
                 for row in run.chunks_exact(wpr) {
                     // (A copy of a runtime length would be a library call per row.)
-                    let mut carry = match row[wi..].first_chunk::<8>() {
+                    let mut carry = match row[wi..].first_chunk::<G>() {
                         Some(c) => *c,
                         None => std::array::from_fn(|j| row.get(wi + j).copied().unwrap_or(0)),
                     };
@@ -311,7 +317,7 @@ crate::multiversion! {
                     }
                 }
             }
-            let n = (cols - wi * 64).min(o.len()).min(512);
+            let n = (cols - wi * 64).min(o.len()).min(64 * G);
             o[..n].copy_from_slice(&acc[..n]);
         }
     }
