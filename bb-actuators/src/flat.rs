@@ -1720,6 +1720,8 @@ pub(crate) struct ColumnScratch {
     log: Vec<u64>,
     log_cols: Vec<u32>,
     logged: Option<usize>,
+    /// One chunk's column sums of `pre` bits (see [`count_columns_rows`]).
+    chunk_counts: Vec<u32>,
     /// The worker's rows' parts of the mask fingerprint (see [`row_part`]).
     parts: u64,
     /// The first row with a non-finite score.
@@ -2103,38 +2105,52 @@ fn count_columns_rows<K: Kernels>(
         parts: 0,
     };
     let keys = &mut inside;
+    cs.chunk_counts.resize(cols, 0);
     let rows = words.len() / wpr;
-    // Rows in groups of GROUP (the last few alone). Then the edges at or above their
-    // column's bracket, the bits of the block's `pre` words, are summed per column in one
-    // pass over those words (a counter per column in the counting loop itself cost more: its
-    // loads and stores outweighed the loop's other work; sums after every few rows, while
-    // the words were still in cache, spent more on widening the sums than they saved).
-    let g = GROUP * (rows / GROUP);
-    let (wg, wt) = words.split_at(g * wpr);
-    let (pg, pt) = pre.split_at_mut(g * wpr);
-    let bad = wg
-        .chunks(GROUP * wpr)
-        .zip(w.chunks(GROUP * cols))
-        .zip(h.chunks(GROUP * cols))
-        .zip(pg.chunks_mut(GROUP * wpr))
-        .enumerate()
-        .find_map(|(i, (((mw, wr), hr), pw))| {
-            let r = r0 + GROUP * i;
-            count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
-        })
-        .or_else(|| {
-            wt.chunks(wpr)
-                .zip(w[g * cols..].chunks(cols))
-                .zip(h[g * cols..].chunks(cols))
-                .zip(pt.chunks_mut(wpr))
-                .enumerate()
-                .find_map(|(i, (((mw, wr), hr), pw))| {
-                    let r = r0 + g + i;
-                    count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
-                })
-        });
-    if bad.is_none() {
-        crate::mask::col_counts(&pre[..rows * wpr], wpr, 0, cols, ch);
+    // Chunks of CHUNK rows, in groups of GROUP (the last few alone); after each chunk the
+    // edges at or above their column's bracket, the bits of its `pre` words, are summed per
+    // column while those words are still in cache. (A counter per column in the counting
+    // loop itself cost more: its loads and stores outweighed the loop's other work.)
+    let mut bad = None;
+    for c0 in (0..rows).step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(rows);
+        let (words, w, h) = (
+            &words[c0 * wpr..c1 * wpr],
+            &w[c0 * cols..c1 * cols],
+            &h[c0 * cols..c1 * cols],
+        );
+        let pre = &mut pre[c0 * wpr..c1 * wpr];
+        let g = GROUP * ((c1 - c0) / GROUP);
+        let (wg, wt) = words.split_at(g * wpr);
+        let (pg, pt) = pre.split_at_mut(g * wpr);
+        bad = wg
+            .chunks(GROUP * wpr)
+            .zip(w.chunks(GROUP * cols))
+            .zip(h.chunks(GROUP * cols))
+            .zip(pg.chunks_mut(GROUP * wpr))
+            .enumerate()
+            .find_map(|(i, (((mw, wr), hr), pw))| {
+                let r = r0 + c0 + GROUP * i;
+                count_rows::<K, GROUP>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
+            })
+            .or_else(|| {
+                wt.chunks(wpr)
+                    .zip(w[g * cols..].chunks(cols))
+                    .zip(h[g * cols..].chunks(cols))
+                    .zip(pt.chunks_mut(wpr))
+                    .enumerate()
+                    .find_map(|(i, (((mw, wr), hr), pw))| {
+                        let r = r0 + c0 + g + i;
+                        count_rows::<K, 1>(cols, r, regrow, mw, wr, hr, cut, pw, keys)
+                    })
+            });
+        if bad.is_some() {
+            break;
+        }
+        crate::mask::col_counts(pre, wpr, 0, cols, &mut cs.chunk_counts);
+        for (n, &m) in ch.iter_mut().zip(&cs.chunk_counts) {
+            *n += m;
+        }
     }
     inside.flush();
     cs.logged = (!inside.spilled).then_some(inside.at);
@@ -2182,6 +2198,14 @@ fn count_rows<K: Kernels, const N: usize>(
             .map_or(r, |m| r + m),
     )
 }
+
+/// Rows of SP-out's counting pass between two column sums of their `pre` words: few enough
+/// that the words are still in the mid-level cache (127 KiB for 4096 columns), as many as
+/// one run of [`crate::mask::col_counts`]' byte-wide planes takes (at most 255), and a
+/// multiple of [`GROUP`]. (Sums after every 30 rows spent more on widening the planes into
+/// the counts than they saved; one sum over all of a worker's rows read its words back from
+/// the last-level cache.)
+const CHUNK: usize = 254;
 
 /// Rows scored together by SP-out's counting pass: they share the loads of the columns'
 /// bracket ends, and their values stream in side by side.
