@@ -716,25 +716,45 @@ impl Pruner {
             let st = &mut layers[l];
             // Counted again below, once the layer's mask is final.
             scratch.counted[l] = false;
+            // Whether the degrees below (counted before the plan, see above) already are
+            // those of the final mask, so that it need not be counted again.
+            let mut derived = false;
             let stats = match plan {
-                LayerPlan::Keep => SyncStats::default(),
+                LayerPlan::Keep => {
+                    derived = true;
+                    SyncStats::default()
+                }
                 // Selection and weight moves in one pass per slab, scoring as it goes.
                 LayerPlan::Degrees {
                     side,
                     targets,
                     prune_only,
-                } => refresh_targets(
-                    side,
-                    &st.shape,
-                    weights[l],
-                    &mut st.shadow,
-                    &targets,
-                    st.actuator.regrow() && !prune_only,
-                    &mut st.mask,
-                    &mut scratch.actuator,
-                    &mut scratch.hints[l],
-                )
-                .map_err(|e| BbError::from_actuator(name, e))?,
+                } => {
+                    let regrow = st.actuator.regrow() && !prune_only;
+                    let stats = refresh_targets(
+                        side,
+                        &st.shape,
+                        weights[l],
+                        &mut st.shadow,
+                        &targets,
+                        regrow,
+                        &mut st.mask,
+                        &mut scratch.actuator,
+                        &mut scratch.hints[l],
+                    )
+                    .map_err(|e| BbError::from_actuator(name, e))?;
+                    // Slab `j` now keeps `min(targets[j], its candidates)`: all of its
+                    // entries with regrowth, its live ones (counted before) without.
+                    let deg = &mut scratch.degrees[l];
+                    if side == st.actuator.side() && deg.len() == targets.len() {
+                        let all = st.shape.slab_len(side) as u32;
+                        for (d, &t) in deg.iter_mut().zip(&targets) {
+                            *d = t.min(if regrow { all } else { *d });
+                        }
+                        derived = true;
+                    }
+                    stats
+                }
                 LayerPlan::Mask {
                     mask,
                     grow_from_zero,
@@ -766,10 +786,23 @@ impl Pruner {
             }
             let side = st.actuator.side();
             let deg = &mut scratch.degrees[l];
-            match side {
-                Side::Rows => st.mask.row_counts_into(deg),
-                Side::Columns => st.mask.col_counts_into(deg),
+            if !derived {
+                match side {
+                    Side::Rows => st.mask.row_counts_into(deg),
+                    Side::Columns => st.mask.col_counts_into(deg),
+                }
             }
+            debug_assert!(
+                {
+                    let mut counted = vec![0; deg.len()];
+                    match side {
+                        Side::Rows => st.mask.row_counts_into(&mut counted),
+                        Side::Columns => st.mask.col_counts_into(&mut counted),
+                    }
+                    counted == *deg
+                },
+                "layer `{name}`: degrees after the refresh differ from the mask's counts"
+            );
             scratch.counted[l] = true;
             let degrees = DegreeStats {
                 side,
