@@ -1191,11 +1191,6 @@ mod tests {
     }
 
     /// The kernel sets this CPU runs (see [`rows_flat_block`]), the portable one first.
-    /// The signed bounds of bracket ends (see [`Cuts`]).
-    fn signed(cut: &[u32]) -> Vec<i32> {
-        cut.iter().map(|&b| at_least_bound(b)).collect()
-    }
-
     fn kernel_sets() -> Vec<Set> {
         let mut sets = vec![Set::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -1221,6 +1216,29 @@ mod tests {
                 _ => $f::<Portable>($($a),*),
             }
         };
+    }
+
+    /// [`count_columns_rows`] with kernel set `set`, on the bracket ends `cut` (`[lo; cols]`
+    /// then `[hi; cols]`) and their signed bounds (see [`Cuts`]).
+    #[allow(clippy::too_many_arguments)]
+    fn count_with(
+        set: Set,
+        cols: usize,
+        r0: usize,
+        regrow: bool,
+        words: &[u64],
+        w: &[f32],
+        h: &[f32],
+        cut: &[u32],
+        pre: &mut [u64],
+        cs: &mut ColumnScratch,
+    ) {
+        let gt: Vec<i32> = cut.iter().map(|&b| at_least_bound(b)).collect();
+        let cut = Cuts::new(cut, &gt, cols);
+        with_set!(
+            set,
+            count_columns_rows(cols, r0, regrow, words, w, h, cut, pre, cs)
+        );
     }
 
     /// What [`Kernels::score_row`] gives, in a comparable form: the score, bits, words
@@ -1454,20 +1472,7 @@ mod tests {
             for set in kernel_sets() {
                 let mut cs = ColumnScratch::default();
                 let mut pre = vec![0u64; rows * wpr];
-                with_set!(
-                    set,
-                    count_columns_rows(
-                        cols,
-                        7,
-                        true,
-                        &words,
-                        &w,
-                        &h,
-                        Cuts::new(&cut, &signed(&cut), cols),
-                        &mut pre,
-                        &mut cs
-                    )
-                );
+                count_with(set, cols, 7, true, &words, &w, &h, &cut, &mut pre, &mut cs);
                 assert_eq!(cs.bad, Some(7 + first), "{set:?}");
             }
         }
@@ -1532,19 +1537,8 @@ mod tests {
             for set in kernel_sets() {
                 let mut cs = ColumnScratch::default();
                 let mut pre = vec![0u64; rows * wpr];
-                with_set!(
-                    set,
-                    count_columns_rows(
-                        cols,
-                        r0,
-                        regrow,
-                        &words,
-                        &w,
-                        &h,
-                        Cuts::new(&cut, &signed(&cut), cols),
-                        &mut pre,
-                        &mut cs
-                    )
+                count_with(
+                    set, cols, r0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
                 );
                 let case = format!("wide {wide}, regrow {regrow}, {set:?}");
                 assert_eq!(cs.bad, None, "{case}");
@@ -1628,19 +1622,8 @@ mod tests {
             let mut cs = ColumnScratch::default();
             let mut pre = vec![0u64; rows * wpr];
             let (mut mw, mut wv, mut hv) = (words.clone(), w.clone(), h.clone());
-            with_set!(
-                set,
-                count_columns_rows(
-                    cols,
-                    0,
-                    regrow,
-                    &words,
-                    &w,
-                    &h,
-                    Cuts::new(&cut, &signed(&cut), cols),
-                    &mut pre,
-                    &mut cs
-                )
+            count_with(
+                set, cols, 0, regrow, &words, &w, &h, &cut, &mut pre, &mut cs,
             );
             let st = with_set!(
                 set,
