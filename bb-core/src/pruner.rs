@@ -633,10 +633,7 @@ impl Pruner {
             let deg = &mut scratch.degrees[l];
             if !scratch.counted[l] || deg.len() != st.shape.slabs(side) {
                 deg.resize(st.shape.slabs(side), 0);
-                match side {
-                    Side::Rows => st.mask.row_counts_into(deg),
-                    Side::Columns => st.mask.col_counts_into(deg),
-                }
+                slab_degrees(&st.mask, side, deg);
             }
             if let (true, Some(g)) = (want_grads, grads) {
                 let g = g[l];
@@ -714,7 +711,7 @@ impl Pruner {
         {
             let name = names[l];
             let st = &mut layers[l];
-            // Counted again below, once the layer's mask is final.
+            // Valid again below, once the layer's mask is final.
             scratch.counted[l] = false;
             // Whether the degrees below (counted before the plan, see above) already are
             // those of the final mask, so that it need not be counted again.
@@ -787,18 +784,12 @@ impl Pruner {
             let side = st.actuator.side();
             let deg = &mut scratch.degrees[l];
             if !derived {
-                match side {
-                    Side::Rows => st.mask.row_counts_into(deg),
-                    Side::Columns => st.mask.col_counts_into(deg),
-                }
+                slab_degrees(&st.mask, side, deg);
             }
             debug_assert!(
                 {
                     let mut counted = vec![0; deg.len()];
-                    match side {
-                        Side::Rows => st.mask.row_counts_into(&mut counted),
-                        Side::Columns => st.mask.col_counts_into(&mut counted),
-                    }
+                    slab_degrees(&st.mask, side, &mut counted);
                     counted == *deg
                 },
                 "layer `{name}`: degrees after the refresh differ from the mask's counts"
@@ -858,5 +849,13 @@ impl Pruner {
             layers: reports,
             density: live as f64 / all.max(1) as f64,
         })
+    }
+}
+
+/// The live count of every slab of `mask` on `side` (rows or columns) into `out`.
+fn slab_degrees(mask: &BitMask, side: Side, out: &mut [u32]) {
+    match side {
+        Side::Rows => mask.row_counts_into(out),
+        Side::Columns => mask.col_counts_into(out),
     }
 }
