@@ -375,10 +375,21 @@ fn row_tiles<C: Copy + Into<u32>, const LANES: usize>(
     acc: &mut [f32],
 ) -> usize {
     // The columns are distinct and sorted, so at most `width` of them lie in a block that
-    // is `width` wide: counting those below the end needs no search.
+    // is `width` wide: counting those below the end needs no search, and whole runs of 16
+    // below it are known from their last.
     let n = c_end.map_or(cols.len(), |(e, width)| {
         let head = &cols[..cols.len().min(width)];
-        head.iter().filter(|&&c| (c.into() as usize) < e).count()
+        let below = |c: &C| ((*c).into() as usize) < e;
+        let mut n = 0;
+        for run in head.chunks(16) {
+            if run.last().is_some_and(below) {
+                n += run.len();
+            } else {
+                n += run.iter().filter(|c| below(c)).count();
+                break;
+            }
+        }
+        n
     });
     let (cols, vals) = (&cols[..n], &vals[..n]);
     if n == 0 && bias.is_none() {
