@@ -44,3 +44,4 @@ pub use select::{
     threshold_key_with, Histogram, NOT_A_CANDIDATE,
 };
 pub use shape::{edge_scores, EdgeShape};
+pub use simd::prefetch_near;

@@ -316,6 +316,9 @@ bb_actuators::multiversion! {
         while c_end < layer.inp {
             c_end = (c_end + kb).min(layer.inp);
             for (r, acc) in block.chunks_mut(batch).enumerate().take(rows) {
+                if r + PREFETCH_ROWS < rows {
+                    prefetch_segment(layer, o0 + r + PREFETCH_ROWS, cur[r + PREFETCH_ROWS], kb);
+                }
                 let (a, b) = (cur[r], layer.row_ptr[o0 + r + 1] as usize);
                 cur[r] = match &layer.cols {
                     Columns::U16(c) => row_tiles::<_, LANES>(&c[a..b], &layer.vals[a..b], Some((c_end, kb)), None, xt, batch, acc),
@@ -326,17 +329,56 @@ bb_actuators::multiversion! {
     }
 }
 
-/// Inputs per column block. Wide batches (64 lanes or more, several cache lines per live
-/// weight) work on about 32 KiB of the transposed input at a time, so that it is read from
-/// the nearest cache; narrower ones take all inputs while they fill at most half of a core's
-/// mid-level cache (256 KiB, for CPUs with 512 KiB) and blocks of 32 KiB otherwise. Blocks hold at least about 16 live weights per row on average.
+/// How many rows ahead [`csr_tiled`] asks for a row's next live weights.
+const PREFETCH_ROWS: usize = 4;
+
+/// Asks for the live weights of row `o` from position `from` that one column block of `kb`
+/// inputs is likely to hold (the row's share of them, and a few more). Going down the rows
+/// block by block, a row's weights are read in short runs a whole task's rows apart, which
+/// the CPU's own prefetchers do not see coming.
+#[inline(always)]
+fn prefetch_segment(layer: &CsrLayer, o: usize, from: usize, kb: usize) {
+    let end = layer.row_ptr[o + 1] as usize;
+    let len = end - layer.row_ptr[o] as usize;
+    let next = from..(from + len * kb / layer.inp.max(1) + 16).min(end);
+    bb_actuators::prefetch_near(&layer.vals[next.clone()]);
+    match &layer.cols {
+        Columns::U16(c) => bb_actuators::prefetch_near(&c[next]),
+        Columns::U32(c) => bb_actuators::prefetch_near(&c[next]),
+    }
+}
+
+/// Inputs per column block.
+///
+/// Narrow batches (under 64 lanes) take all inputs at once while they fill at most 64 KiB.
+/// Beyond that they take blocks of about 32 KiB of the transposed input, read from the
+/// nearest cache, when such a block holds at least 128 live weights per row on average:
+/// enough work to pay for going down the task's rows once per block. Sparser layers take all
+/// inputs while they fill at most half of a core's mid-level cache (256 KiB, for CPUs with
+/// 512 KiB). Reading all inputs from the mid-level cache depends on what else fills it: a
+/// 4096x4096 layer at density 0.5 and batch 16 has read 2x its usual time that way after the
+/// rest of `bb bench` had run in the same process (results/bench.md).
+///
+/// Wide batches (64 lanes or more, several cache lines per live weight) work on blocks of
+/// about 32 KiB unless all inputs fit in that. Blocks hold at least about 16 live weights per
+/// row on average.
 fn column_block(layer: &CsrLayer, batch: usize) -> usize {
-    let whole = if batch >= 64 { 32 * 1024 } else { 256 * 1024 };
-    if layer.inp * batch * 4 <= whole {
+    const NEAR: usize = 32 * 1024;
+    let density = layer.nnz() as f64 / (layer.out * layer.inp).max(1) as f64;
+    let by_cache = (NEAR / 4) / batch.max(1);
+    if batch < 64 {
+        if layer.inp * batch * 4 <= 2 * NEAR {
+            return layer.inp.max(1);
+        }
+        if by_cache as f64 * density >= 128.0 {
+            return by_cache.clamp(16, layer.inp.max(16));
+        }
+        if layer.inp * batch * 4 <= 256 * 1024 {
+            return layer.inp.max(1);
+        }
+    } else if layer.inp * batch * 4 <= NEAR {
         return layer.inp.max(1);
     }
-    let by_cache = (32 * 1024 / 4) / batch.max(1);
-    let density = layer.nnz() as f64 / (layer.out * layer.inp).max(1) as f64;
     let by_work = (16.0 / density.max(1e-6)).ceil() as usize;
     by_cache.max(by_work).clamp(16, layer.inp.max(16))
 }
@@ -542,4 +584,38 @@ fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
 pub struct SparseScratch {
     xt: Vec<f32>,
     yt: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row over `inp` inputs with every `step`-th one live.
+    fn strided(inp: usize, step: usize) -> CsrLayer {
+        let cols: Vec<u32> = (0..inp as u32).step_by(step).collect();
+        let n = cols.len();
+        CsrLayer::from_parts(1, inp, vec![0, n as u32], cols, vec![1.0; n], None).unwrap()
+    }
+
+    /// Narrow batches go through the inputs in blocks that stay in the nearest cache when the
+    /// layer is wide and dense enough, all at once otherwise; wide batches always in blocks.
+    #[test]
+    fn column_blocks_follow_width_density_and_batch() {
+        // 4096 inputs at batch 16: 256 KiB; blocks of 512 inputs (32 KiB) at density 0.5
+        // (256 live weights per row and block) and 0.25 (128), all inputs at 0.1 (51) and
+        // 0.125 (64).
+        assert_eq!(column_block(&strided(4096, 2), 16), 512);
+        assert_eq!(column_block(&strided(4096, 4), 16), 512);
+        assert_eq!(column_block(&strided(4096, 10), 16), 4096);
+        assert_eq!(column_block(&strided(4096, 8), 16), 4096);
+        // 64 KiB of inputs or less: all at once, however dense.
+        assert_eq!(column_block(&strided(1024, 1), 16), 1024);
+        // More than half the mid-level cache and sparse: blocks of at least 16 live weights.
+        assert_eq!(column_block(&strided(16384, 10), 16), 512);
+        assert_eq!(column_block(&strided(16384, 128), 16), 2048);
+        // Batch 128: 64 inputs per 32 KiB, more where they hold fewer than 16 live weights.
+        assert_eq!(column_block(&strided(4096, 2), 128), 64);
+        assert_eq!(column_block(&strided(4096, 8), 128), 128);
+        assert_eq!(column_block(&strided(32, 1), 128), 32);
+    }
 }
