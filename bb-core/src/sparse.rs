@@ -350,34 +350,31 @@ fn prefetch_segment(layer: &CsrLayer, o: usize, from: usize, kb: usize) {
 
 /// Inputs per column block.
 ///
-/// Narrow batches (under 64 lanes) take all inputs at once while they fill at most 64 KiB.
-/// Beyond that they take blocks of about 32 KiB of the transposed input, read from the
-/// nearest cache, when such a block holds at least 128 live weights per row on average:
-/// enough work to pay for going down the task's rows once per block. Sparser layers take all
-/// inputs while they fill at most half of a core's mid-level cache (256 KiB, for CPUs with
-/// 512 KiB). Reading all inputs from the mid-level cache depends on what else fills it: a
-/// 4096x4096 layer at density 0.5 and batch 16 has read 2x its usual time that way after the
-/// rest of `bb bench` had run in the same process (results/bench.md).
+/// All inputs are taken at once while their transposed batch vectors fill at most 32 KiB, the
+/// nearest cache. Beyond that, narrow batches (under 64 lanes) take blocks of about 32 KiB
+/// when such a block holds at least 128 live weights per row on average: enough work to pay
+/// for going down the task's rows once per block. Sparser layers take all inputs while they
+/// fill at most half of a core's mid-level cache (256 KiB, for CPUs with 512 KiB). Reading
+/// all inputs from the mid-level cache depends on what else fills it: 4096x4096 and
+/// 1024x1024 layers at density 0.5 and batch 16 have read 2x their usual time that way after
+/// the rest of `bb bench` had run in the same process (results/bench.md).
 ///
-/// Wide batches (64 lanes or more, several cache lines per live weight) work on blocks of
-/// about 32 KiB unless all inputs fit in that. Blocks hold at least about 16 live weights per
-/// row on average.
+/// Wide batches (64 lanes or more, several cache lines per live weight) always work on
+/// blocks of about 32 KiB. Blocks hold at least about 16 live weights per row on average.
 fn column_block(layer: &CsrLayer, batch: usize) -> usize {
     const NEAR: usize = 32 * 1024;
     let density = layer.nnz() as f64 / (layer.out * layer.inp).max(1) as f64;
     let by_cache = (NEAR / 4) / batch.max(1);
+    if layer.inp * batch * 4 <= NEAR {
+        return layer.inp.max(1);
+    }
     if batch < 64 {
-        if layer.inp * batch * 4 <= 2 * NEAR {
-            return layer.inp.max(1);
-        }
         if by_cache as f64 * density >= 128.0 {
             return by_cache.clamp(16, layer.inp.max(16));
         }
         if layer.inp * batch * 4 <= 256 * 1024 {
             return layer.inp.max(1);
         }
-    } else if layer.inp * batch * 4 <= NEAR {
-        return layer.inp.max(1);
     }
     let by_work = (16.0 / density.max(1e-6)).ceil() as usize;
     by_cache.max(by_work).clamp(16, layer.inp.max(16))
@@ -608,8 +605,9 @@ mod tests {
         assert_eq!(column_block(&strided(4096, 4), 16), 512);
         assert_eq!(column_block(&strided(4096, 10), 16), 4096);
         assert_eq!(column_block(&strided(4096, 8), 16), 4096);
-        // 64 KiB of inputs or less: all at once, however dense.
-        assert_eq!(column_block(&strided(1024, 1), 16), 1024);
+        // 32 KiB of inputs or less: all at once, however dense; more: blocks.
+        assert_eq!(column_block(&strided(512, 1), 16), 512);
+        assert_eq!(column_block(&strided(1024, 1), 16), 512);
         // More than half the mid-level cache and sparse: blocks of at least 16 live weights.
         assert_eq!(column_block(&strided(16384, 10), 16), 512);
         assert_eq!(column_block(&strided(16384, 128), 16), 2048);

@@ -28,8 +28,8 @@ fn naive(w: &[f32], m: &BitMask, s: &[f32], b: &[f32], x: &[f32], batch: usize) 
 fn csr_forward_matches_masked_dense() {
     let mut r = rng(5);
     // The last three are wide enough for the column-blocked path at batch 128 (the first of
-    // them dense enough that most of a block's columns are live); 70x1500 at batch 16 and
-    // 90x700 at batch 37 are wide and dense enough for it with narrow batches.
+    // them dense enough that most of a block's columns are live); 300x600, 90x700 and 70x1500
+    // at batch 16, and 90x700 at 37, are wide and dense enough for it with narrow batches.
     for (out, inp, density) in [
         (7, 9, 0.5),
         (130, 70, 0.1),
