@@ -1,27 +1,15 @@
 //! The change-detection stand-in: the pair generator's masks, the metrics, the Siamese
 //! network's shared-weight gradients, and the experiment end to end on synthetic objects.
 
+mod common;
+
 use bb_tasks::changedet::{
     change_metrics, generate, most_found, objects, ChangeDetConfig, Counts, Pairs, SiamNet,
 };
 use bb_tasks::cli_conv::{run_in, CONV_PRESETS};
 use bb_tasks::convkit::{ops, to_channel_major, Ctx, ParamStore};
+use common::TempDir;
 use dfdx::prelude::*;
-use std::path::PathBuf;
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("bb-changedet-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The preset shrunk to synthetic 16x16 pairs, one seed and a few steps.
 fn tiny(extra_data: &str) -> String {
@@ -253,7 +241,7 @@ fn shared_encoder_gradients_match_finite_differences() {
 
 #[test]
 fn the_experiment_runs_end_to_end_with_panels() {
-    let d = Tmp::new("e2e");
+    let d = TempDir::unmade("changedet-e2e");
     run_in(&tiny(""), &d.0, true, true, None).unwrap();
     let rep = std::fs::read_to_string(d.0.join("report.md")).unwrap();
     assert!(rep.contains("stand-in"));
@@ -306,7 +294,7 @@ fn bad_configs_fail_before_any_folder_is_made() {
         ("colour = true\n", "colour"),
     ] {
         let text = tiny(extra);
-        let d = Tmp::new("bad");
+        let d = TempDir::unmade("changedet-bad");
         let e = format!("{:#}", run_in(&text, &d.0, true, true, None).unwrap_err());
         assert!(e.contains(field), "{field}: {e}");
         assert!(!d.0.exists());

@@ -2,13 +2,15 @@
 //! gradients of a 3-D convolution and of group-norm, exact pooling and upsampling backward
 //! passes), the EM volume generator, the synapse metrics, and the EM experiment end to end.
 
+mod common;
+
 use bb_tasks::cli_conv::{run_in, CONV_PRESETS};
 use bb_tasks::convkit::{Conv, GroupNorm, MaxPool, ParamStore, Upsample};
 use bb_tasks::em::{best_threshold, generate, synapse_metrics, EmConfig, VoxelCounts, CLEFT_LEVEL};
+use common::TempDir;
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::PathBuf;
 
 type A<T = NoneTape> = Tensor<(usize, usize), f32, Cpu, T>;
 
@@ -333,20 +335,6 @@ fn maxpool3d_and_upsample3d_backward_are_exact() {
     assert_eq!(gx, want_g);
 }
 
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("bb-em-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The preset shrunk to 16^3 volumes, one seed and a few steps.
 fn tiny(extra_data: &str) -> String {
     let preset = CONV_PRESETS.iter().find(|p| p.name == "em3d").unwrap();
@@ -439,7 +427,7 @@ fn threshold_and_metrics_match_hand_counts() {
 
 #[test]
 fn the_experiment_runs_end_to_end_on_16_cubed_volumes() {
-    let d = Tmp::new("e2e");
+    let d = TempDir::unmade("em-e2e");
     run_in(&tiny(""), &d.0, true, true, None).unwrap();
     let rep = std::fs::read_to_string(d.0.join("report.md")).unwrap();
     for s in [
@@ -493,7 +481,7 @@ fn bad_configs_fail_before_any_folder_is_made() {
         ("cleft_radius = 0.5\n", "data.cleft_radius"),
         ("colour = true\n", "colour"),
     ] {
-        let d = Tmp::new("bad");
+        let d = TempDir::unmade("em-bad");
         let e = format!(
             "{:#}",
             run_in(&tiny(extra), &d.0, true, true, None).unwrap_err()
@@ -508,7 +496,7 @@ fn bad_configs_fail_before_any_folder_is_made() {
             .unwrap()
             .into(),
     );
-    let d = Tmp::new("bad-groups");
+    let d = TempDir::unmade("em-bad-groups");
     let e = format!(
         "{:#}",
         run_in(&toml::to_string(&t).unwrap(), &d.0, true, true, None).unwrap_err()

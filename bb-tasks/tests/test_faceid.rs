@@ -2,29 +2,18 @@
 //! protocol, the ResNet's engine view, and the whole experiment end to end on synthetic
 //! images (CI-sized), including resume and bad configs.
 
+mod common;
+
 use bb_tasks::cli_conv::{run_in, CONV_PRESETS};
 use bb_tasks::convkit::{input, Ctx, ParamStore};
 use bb_tasks::convrun::{read_result, ConvRunResult};
 use bb_tasks::faceid::{best_threshold, build_data, roc_auc, FaceIdConfig};
 use bb_tasks::resnet::{ResNet, ResNetConfig};
+use common::TempDir;
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("bb-faceid-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::path::Path;
 
 /// The Fashion-MNIST preset shrunk to synthetic images, one seed and a few steps.
 fn tiny_config(arms_from_preset: bool) -> String {
@@ -207,7 +196,7 @@ fn results(dir: &Path) -> Vec<ConvRunResult> {
 #[test]
 fn the_experiment_runs_end_to_end_and_resumes_to_the_same_result() {
     let text = tiny_config(false);
-    let a = Tmp::new("full");
+    let a = TempDir::unmade("faceid-full");
     run_in(&text, &a.0, true, true, None).unwrap();
     let rep = std::fs::read_to_string(a.0.join("report.md")).unwrap();
     assert!(rep.contains("stand-in"), "the report says it is a stand-in");
@@ -234,7 +223,7 @@ fn the_experiment_runs_end_to_end_and_resumes_to_the_same_result() {
     }
     assert_eq!(bb.populations.len(), 3);
 
-    let b = Tmp::new("resumed");
+    let b = TempDir::unmade("faceid-resumed");
     run_in(&text, &b.0, true, true, Some(1)).unwrap();
     assert!(!b.0.join("report.md").exists());
     assert!(b.0.join("dense/seed-0/checkpoints/LATEST").exists());
@@ -248,7 +237,7 @@ fn the_experiment_runs_end_to_end_and_resumes_to_the_same_result() {
 
 #[test]
 fn every_preset_method_runs_on_a_tiny_subset() {
-    let a = Tmp::new("preset");
+    let a = TempDir::unmade("faceid-preset");
     run_in(&tiny_config(true), &a.0, true, true, None).unwrap();
     let rep = std::fs::read_to_string(a.0.join("report.md")).unwrap();
     for arm in ["dense", "bb_sp_in-d0.3", "magnitude-d0.7", "rigl-d0.5"] {
@@ -276,7 +265,7 @@ fn bad_configs_fail_before_any_folder_is_made() {
     for (from, to, field) in cases {
         let text = tiny_config(false).replacen(from, to, 1);
         assert_ne!(text, tiny_config(false), "{from}");
-        let d = Tmp::new("bad");
+        let d = TempDir::unmade("faceid-bad");
         let e = format!("{:#}", run_in(&text, &d.0, true, true, None).unwrap_err());
         assert!(e.contains(field), "{field}: {e}");
         assert!(!d.0.exists(), "no folder for a bad config ({field})");
@@ -296,11 +285,11 @@ fn presets_parse_and_validate() {
 #[test]
 fn sweep_shards_share_one_folder_and_the_last_one_writes_the_report() {
     let text = tiny_config(false);
-    let cfg_dir = Tmp::new("sweep-cfg");
+    let cfg_dir = TempDir::unmade("faceid-sweep-cfg");
     std::fs::create_dir_all(&cfg_dir.0).unwrap();
     let cfg = cfg_dir.0.join("tiny.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = Tmp::new("sweep-out");
+    let out = TempDir::unmade("faceid-sweep-out");
     let bb = env!("CARGO_BIN_EXE_bb");
     let shard = |i: usize| {
         std::process::Command::new(bb)
@@ -328,7 +317,7 @@ fn sweep_shards_share_one_folder_and_the_last_one_writes_the_report() {
         "the shard that finished last wrote the report"
     );
     // the reference: the same grid in one `bb run` process
-    let full = Tmp::new("sweep-ref");
+    let full = TempDir::unmade("faceid-sweep-ref");
     let r = std::process::Command::new(bb)
         .args([
             "run",

@@ -1,17 +1,13 @@
 //! `bb mask` end to end on small `.npy` files: dense and 4-D conv weights, SP-in and SP-out,
 //! an initial mask, and bad input that must fail without writing anything.
 
+mod common;
+
+use common::TempDir;
 use ndarray::{Array1, ArrayD, IxDyn};
 use ndarray_npy::{read_npy, write_npy};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bb-mask-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn bb(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_bb"))
@@ -41,7 +37,8 @@ fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 
 #[test]
 fn mask_sp_in_on_a_conv_weight() {
-    let d = tmpdir("conv");
+    let tmp = TempDir::new("mask-conv");
+    let d = tmp.path();
     let (o, i, kh, kw) = (6usize, 5usize, 3usize, 3usize);
     let w = weights(o * i * kh * kw);
     write_npy(
@@ -100,7 +97,8 @@ fn mask_sp_in_on_a_conv_weight() {
 
 #[test]
 fn mask_sp_out_with_initial_mask_and_matched_density() {
-    let d = tmpdir("spout");
+    let tmp = TempDir::new("mask-spout");
+    let d = tmp.path();
     let (o, i) = (8usize, 10usize);
     let w = weights(o * i);
     write_npy(
@@ -158,7 +156,8 @@ fn mask_sp_out_with_initial_mask_and_matched_density() {
 
 #[test]
 fn bad_inputs_fail_and_write_nothing() {
-    let d = tmpdir("bad");
+    let tmp = TempDir::new("mask-bad");
+    let d = tmp.path();
     write_npy(
         d.join("W.npy"),
         &ArrayD::from_shape_vec(IxDyn(&[4, 3]), weights(12)).unwrap(),

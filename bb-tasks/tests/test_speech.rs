@@ -3,6 +3,8 @@
 //! encoder's gradients against finite differences, and the experiment end to end on generated
 //! tones (and on a tiny synthesized corpus where espeak-ng and flite are installed).
 
+mod common;
+
 use bb_tasks::cli_conv::{run_in, CONV_PRESETS};
 use bb_tasks::convkit::{Ctx, ParamStore};
 use bb_tasks::convrun::read_result;
@@ -10,24 +12,11 @@ use bb_tasks::speech::mel::{filterbank, log_mel_naive, LogMel, MelConfig};
 use bb_tasks::speech::net::{attention, Encoder, EncoderConfig};
 use bb_tasks::speech::synth::{self, CorpusSpec, Source, Split};
 use bb_tasks::speech::{bucket_accuracy, SpeechConfig};
+use common::TempDir;
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("bb-speech-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::path::Path;
 
 fn preset() -> toml::Table {
     let p = CONV_PRESETS.iter().find(|p| p.name == "speech").unwrap();
@@ -391,7 +380,7 @@ fn check_run(dir: &Path, pruned: bool, arm: &str) {
 
 #[test]
 fn tiny_experiment_runs_end_to_end_on_tones() {
-    let tmp = Tmp::new("tones");
+    let tmp = TempDir::unmade("speech-tones");
     let text = tiny_config(
         "source = \"tones\"\nwords = 6\nmax_per_word = 24\nmin_per_word = 4\ntest_per_word = 4\n\
          tone_voices = 5\nclip_ms = 500\n",
@@ -423,7 +412,7 @@ fn tiny_synthesized_corpus_builds_resumes_and_trains() {
     // every default accent gives distinct audio for two variants (a voice name espeak-ng
     // cannot resolve falls back silently to one voice)
     let spec: CorpusSpec = preset()["data"].clone().try_into().unwrap();
-    let tmp = Tmp::new("synth");
+    let tmp = TempDir::unmade("speech-synth");
     std::fs::create_dir_all(&tmp.0).unwrap();
     let mut seen = std::collections::HashMap::new();
     for a in &spec.espeak_accents {

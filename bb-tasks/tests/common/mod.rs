@@ -15,6 +15,14 @@ pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
     pub(crate) fn new(tag: &str) -> Self {
+        let d = Self::unmade(tag);
+        std::fs::create_dir_all(&d.0).unwrap();
+        d
+    }
+
+    /// A fresh path that does not exist yet (for commands that must make the folder
+    /// themselves, or must not make it at all); removed, if made, when the guard drops.
+    pub(crate) fn unmade(tag: &str) -> Self {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let p = std::env::temp_dir().join(format!(
@@ -23,7 +31,6 @@ impl TempDir {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
         Self(p)
     }
 
