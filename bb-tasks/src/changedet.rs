@@ -952,28 +952,11 @@ impl ChangeDetTask {
         let p = &self.test;
         let px = p.size * p.size;
         let mut prob = vec![0f32; n * px];
-        let mut taps = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let first = start == 0;
-            let end = (start + tap.filter(|_| first).unwrap_or(EVAL_CHUNK)).min(n);
-            let idx: Vec<usize> = (start..end).collect();
-            let mut ctx = Ctx::eval();
-            ctx.record = first && tap.is_some();
-            let z = m
-                .forward(st, self.batch_input(p, &idx)?, &mut ctx)?
-                .as_vec(); // (px, b)
-            let b = idx.len();
-            for j in 0..px {
-                for i in 0..b {
-                    prob[(start + i) * px + j] = 1.0 / (1.0 + (-z[j * b + i]).exp());
-                }
-            }
-            if ctx.record {
-                taps = ctx.taps;
-            }
-            start = end;
-        }
+        let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |start, idx, ctx| {
+            let z = m.forward(st, self.batch_input(p, idx)?, ctx)?.as_vec(); // (px, b)
+            crate::convkit::sigmoid_batch_major(&z, idx.len(), &mut prob[start * px..]);
+            Ok(())
+        })?;
         Ok((prob, taps))
     }
 }

@@ -242,7 +242,6 @@ pub fn compare<D: Device<f32>>(
         max_abs_diff: 0.0,
         disagreements: 0,
     };
-    let argmax = |z: &[f32]| (0..z.len()).fold(0, |b, c| if z[c] > z[b] { c } else { b });
     let mut scratch = Default::default();
     for start in (0..data.len()).step_by(CHUNK) {
         let b = CHUNK.min(data.len() - start);
@@ -259,7 +258,7 @@ pub fn compare<D: Device<f32>>(
                     v.max_abs_diff.max(d)
                 };
             }
-            v.disagreements += (argmax(zw) != argmax(zg)) as usize;
+            v.disagreements += (crate::stats::argmax(zw) != crate::stats::argmax(zg)) as usize;
         }
     }
     Ok(v)

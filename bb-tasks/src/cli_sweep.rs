@@ -128,7 +128,7 @@ pub fn measure_run(
         let e = (s + chunk).min(test.len());
         let out = model.forward(&test.x[s * test.features..e * test.features], e - s)?;
         for z in out.logits.chunks_exact(k) {
-            pred.push((0..k).fold(0, |b, c| if z[c] > z[b] { c } else { b }));
+            pred.push(crate::stats::argmax(z));
         }
         logits.extend_from_slice(&out.logits);
         s = e;

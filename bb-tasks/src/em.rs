@@ -962,28 +962,11 @@ impl EmTask {
     ) -> Result<(Vec<f32>, Vec<Tap>)> {
         let vox = v.voxels();
         let mut prob = vec![0f32; n * vox];
-        let mut taps = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let first = start == 0;
-            let end = (start + tap.filter(|_| first).unwrap_or(EVAL_CHUNK)).min(n);
-            let idx: Vec<usize> = (start..end).collect();
-            let mut ctx = Ctx::eval();
-            ctx.record = first && tap.is_some();
-            let z = m
-                .forward(st, self.batch_input(v, &idx)?, &mut ctx)?
-                .as_vec();
-            let b = idx.len();
-            for j in 0..vox {
-                for i in 0..b {
-                    prob[(start + i) * vox + j] = 1.0 / (1.0 + (-z[j * b + i]).exp());
-                }
-            }
-            if ctx.record {
-                taps = ctx.taps;
-            }
-            start = end;
-        }
+        let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |start, idx, ctx| {
+            let z = m.forward(st, self.batch_input(v, idx)?, ctx)?.as_vec();
+            crate::convkit::sigmoid_batch_major(&z, idx.len(), &mut prob[start * vox..]);
+            Ok(())
+        })?;
         Ok((prob, taps))
     }
 }

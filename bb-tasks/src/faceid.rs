@@ -539,19 +539,10 @@ impl FaceIdTask {
         let px = self.data.pixels();
         let n = x.len() / px;
         let e = m.embedding_dim();
-        let (mut logits, mut emb, mut taps) = (Vec::new(), vec![0f32; n * e], Vec::new());
-        let mut start = 0;
-        while start < n {
-            let first = start == 0;
-            let end = (start + tap.filter(|_| first).unwrap_or(EVAL_CHUNK)).min(n);
-            let b = end - start;
-            let mut ctx = Ctx::eval();
-            ctx.record = first && tap.is_some();
-            let out = m.forward(
-                st,
-                input(&self.dev, &x[start * px..end * px], b, px)?,
-                &mut ctx,
-            )?;
+        let (mut logits, mut emb) = (Vec::new(), vec![0f32; n * e]);
+        let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |start, idx, ctx| {
+            let (b, end) = (idx.len(), start + idx.len());
+            let out = m.forward(st, input(&self.dev, &x[start * px..end * px], b, px)?, ctx)?;
             logits.extend(out.logits.as_vec());
             let ev = out.embedding.as_vec(); // (E, b)
             for j in 0..e {
@@ -559,11 +550,8 @@ impl FaceIdTask {
                     emb[(start + i) * e + j] = ev[j * b + i];
                 }
             }
-            if ctx.record {
-                taps = ctx.taps;
-            }
-            start = end;
-        }
+            Ok(())
+        })?;
         Ok((logits, emb, taps))
     }
 
@@ -572,7 +560,7 @@ impl FaceIdTask {
         let hit = logits
             .chunks_exact(k)
             .zip(&self.data.test_y)
-            .filter(|(z, &y)| (0..k).fold(0, |b, c| if z[c] > z[b] { c } else { b }) == y)
+            .filter(|(z, &y)| crate::stats::argmax(z) == y)
             .count();
         hit as f64 / self.data.test_y.len() as f64
     }

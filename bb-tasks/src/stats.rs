@@ -375,6 +375,12 @@ impl Confusion {
     }
 }
 
+/// The index of the first largest value of `z` (0 when `z` is empty; a NaN never wins
+/// unless it comes first).
+pub fn argmax(z: &[f32]) -> usize {
+    (0..z.len()).fold(0, |b, c| if z[c] > z[b] { c } else { b })
+}
+
 /// Area under the precision-recall curve as average precision:
 /// `AP = sum_n (R_n - R_{n-1}) P_n` over the distinct score thresholds, highest first
 /// (samples with equal scores enter together). `None` when there is no positive.
@@ -458,6 +464,14 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest() {
+        assert_eq!(argmax(&[0.1, 0.7, -2.0, 0.7]), 1);
+        assert_eq!(argmax(&[3.0]), 0);
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[1.0, f32::NAN, 2.0]), 2);
+    }
 
     #[test]
     fn ln_gamma_matches_factorials() {

@@ -4,8 +4,8 @@
 
 use bb_tasks::convkit::ops;
 use bb_tasks::convkit::{
-    global_avg_pool, to_channel_major, BatchNorm, Conv2d, Ctx, Geom, GroupNorm, Linear, MaxPool,
-    ParamKind, ParamStore, RowPlan, Upsample,
+    global_avg_pool, sigmoid_batch_major, to_channel_major, BatchNorm, Conv2d, Ctx, Geom,
+    GroupNorm, Linear, MaxPool, ParamKind, ParamStore, RowPlan, Upsample,
 };
 use bb_tasks::io::{safetensors_bytes, TensorFile};
 use bb_tasks::model::contiguous_cross_entropy;
@@ -775,4 +775,70 @@ fn channel_major_conversion_round_trips() {
     assert_eq!(cm[1], 4.0); // feature 0 of sample 1
     assert_eq!(bb_tasks::convkit::to_batch_major(&cm, 4, 3).unwrap(), x);
     assert!(to_channel_major(&x, 5, 4).is_err());
+}
+
+#[test]
+fn evaluation_in_chunks_covers_every_item_once_and_taps_the_first_chunk() {
+    for (n, chunk, tap) in [
+        (10, 4, None),
+        (10, 4, Some(3)),
+        (3, 4, Some(7)),
+        (9, 3, Some(0)),
+    ] {
+        let mut seen = Vec::new();
+        let taps = Ctx::eval_in_chunks(n, chunk, tap, |start, idx, ctx| {
+            assert!(!ctx.train, "evaluation mode");
+            assert_eq!(idx[0], start);
+            let first = start == 0;
+            let want = if first {
+                tap.unwrap_or(chunk).max(1)
+            } else {
+                chunk
+            };
+            assert_eq!(idx.len(), want.min(n - start), "chunk at {start}");
+            assert_eq!(ctx.record, first && tap.is_some(), "recording at {start}");
+            let dev: Cpu = Default::default();
+            let x = dev.tensor_from_vec(vec![start as f32; 2 * idx.len()], (2, idx.len()));
+            ctx.tap("p", &x, 2)?;
+            seen.extend_from_slice(idx);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            (0..n).collect::<Vec<_>>(),
+            "n {n} chunk {chunk} tap {tap:?}"
+        );
+        match tap {
+            Some(t) => {
+                assert_eq!(taps.len(), 1);
+                assert_eq!(taps[0].batch, t.clamp(1, n));
+                assert!(
+                    taps[0].data.iter().all(|&v| v == 0.0),
+                    "taps of the first chunk"
+                );
+            }
+            None => assert!(taps.is_empty()),
+        }
+    }
+    // An error stops the pass and comes back.
+    let r = Ctx::eval_in_chunks(10, 4, None, |start, _, _| {
+        anyhow::ensure!(start < 4, "chunk at {start}");
+        Ok(())
+    });
+    assert_eq!(r.unwrap_err().to_string(), "chunk at 4");
+}
+
+#[test]
+fn sigmoid_batch_major_transposes_and_squashes() {
+    // [F = 2, B = 3] channel-major
+    let z = [0.0f32, 1.0, -1.0, 2.0, -2.0, 30.0];
+    let mut out = vec![9.0f32; 7];
+    sigmoid_batch_major(&z, 3, &mut out);
+    let s = |v: f32| 1.0 / (1.0 + (-v).exp());
+    assert_eq!(
+        &out[..6],
+        &[s(0.0), s(2.0), s(1.0), s(-2.0), s(-1.0), s(30.0)]
+    );
+    assert_eq!(out[6], 9.0, "values past B * F untouched");
 }

@@ -72,6 +72,33 @@ impl Ctx {
         }
     }
 
+    /// Runs `pass` in evaluation mode over items `0..n` in chunks of `chunk`: each call gets
+    /// the chunk's first item, its items' indices and a fresh evaluation context. With `tap`,
+    /// the first chunk holds the first `tap` items (at least one) and records the activations
+    /// it taps, which are returned.
+    pub fn eval_in_chunks(
+        n: usize,
+        chunk: usize,
+        tap: Option<usize>,
+        mut pass: impl FnMut(usize, &[usize], &mut Ctx) -> Result<()>,
+    ) -> Result<Vec<Tap>> {
+        let mut taps = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let first = start == 0;
+            let len = tap.filter(|_| first).unwrap_or(chunk).max(1);
+            let idx: Vec<usize> = (start..(start + len).min(n)).collect();
+            let mut ctx = Ctx::eval();
+            ctx.record = first && tap.is_some();
+            pass(start, &idx, &mut ctx)?;
+            if ctx.record {
+                taps = ctx.taps;
+            }
+            start += idx.len();
+        }
+        Ok(taps)
+    }
+
     /// Records the values of `x` (`(units·positions, B)`) as population `population`.
     pub fn tap<T>(&mut self, population: &str, x: &Act<T>, units: usize) -> Result<()> {
         if !self.record {

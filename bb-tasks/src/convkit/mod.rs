@@ -69,6 +69,17 @@ pub fn to_batch_major(x: &[f32], features: usize, batch: usize) -> Result<Vec<f3
     to_channel_major(x, features, batch)
 }
 
+/// The logistic sigmoid of channel-major logits `z` (`[F, B]`), written batch-major into the
+/// first `B * F` values of `out` (`out[b * F + f]`).
+pub fn sigmoid_batch_major(z: &[f32], batch: usize, out: &mut [f32]) {
+    let features = z.len() / batch.max(1);
+    for (f, row) in z.chunks_exact(batch.max(1)).enumerate() {
+        for (b, &v) in row.iter().enumerate() {
+            out[b * features + f] = 1.0 / (1.0 + (-v).exp());
+        }
+    }
+}
+
 /// A channel-major input tensor from samples stored one after the other (`[B, F]`).
 pub fn input(dev: &Cpu, x: &[f32], batch: usize, features: usize) -> Result<Act<NoneTape>> {
     Ok(dev.tensor_from_vec(to_channel_major(x, batch, features)?, (features, batch)))

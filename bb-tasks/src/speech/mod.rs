@@ -419,32 +419,13 @@ impl SpeechTask {
     ) -> Result<(Vec<usize>, Vec<Tap>)> {
         let n = self.data.test_y.len();
         let k = m.classes;
-        let (mut pred, mut taps) = (Vec::with_capacity(n), Vec::new());
-        let mut start = 0;
-        while start < n {
-            let first = start == 0;
-            let end = (start + tap.filter(|_| first).unwrap_or(EVAL_CHUNK)).min(n);
-            let idx: Vec<usize> = (start..end).collect();
-            let mut ctx = Ctx::eval();
-            ctx.record = first && tap.is_some();
-            let logits = m
-                .forward(
-                    st,
-                    self.batch_input(&self.data.test_x, &idx),
-                    idx.len(),
-                    &mut ctx,
-                )?
-                .as_vec();
-            pred.extend(
-                logits
-                    .chunks_exact(k)
-                    .map(|z| (0..k).fold(0, |b, c| if z[c] > z[b] { c } else { b })),
-            );
-            if ctx.record {
-                taps = ctx.taps;
-            }
-            start = end;
-        }
+        let mut pred = Vec::with_capacity(n);
+        let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |_, idx, ctx| {
+            let x = self.batch_input(&self.data.test_x, idx);
+            let logits = m.forward(st, x, idx.len(), ctx)?.as_vec();
+            pred.extend(logits.chunks_exact(k).map(crate::stats::argmax));
+            Ok(())
+        })?;
         Ok((pred, taps))
     }
 }
