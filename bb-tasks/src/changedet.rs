@@ -988,14 +988,7 @@ impl ConvTask for ChangeDetTask {
         ctx: &mut Ctx,
     ) -> Result<(Gradients<f32, Cpu>, f64)> {
         let p = &self.train;
-        let px = p.size * p.size;
-        let b = idx.len();
-        let mut target = vec![0f32; px * b];
-        for (i, &k) in idx.iter().enumerate() {
-            for j in 0..px {
-                target[j * b + i] = p.mask[k * px + j] as f32;
-            }
-        }
+        let target = crate::convkit::channel_major_targets(&p.mask, p.size * p.size, idx);
         let x = self.batch_input(p, idx)?.leaky_traced();
         let z = m.forward(st, x, ctx)?;
         let (loss, v) =

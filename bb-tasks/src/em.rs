@@ -998,14 +998,7 @@ impl ConvTask for EmTask {
         ctx: &mut Ctx,
     ) -> Result<(Gradients<f32, Cpu>, f64)> {
         let v = &self.train;
-        let n = v.voxels();
-        let b = idx.len();
-        let mut target = vec![0f32; n * b];
-        for (i, &k) in idx.iter().enumerate() {
-            for j in 0..n {
-                target[j * b + i] = v.label[k * n + j] as f32;
-            }
-        }
+        let target = crate::convkit::channel_major_targets(&v.label, v.voxels(), idx);
         let x = self.batch_input(v, idx)?.leaky_traced();
         let z = m.forward(st, x, ctx)?;
         let (loss, l) =

@@ -4,8 +4,8 @@
 
 use bb_tasks::convkit::ops;
 use bb_tasks::convkit::{
-    global_avg_pool, sigmoid_batch_major, to_channel_major, BatchNorm, Conv2d, Ctx, Geom,
-    GroupNorm, Linear, MaxPool, ParamKind, ParamStore, RowPlan, Upsample,
+    channel_major_targets, global_avg_pool, sigmoid_batch_major, to_channel_major, BatchNorm,
+    Conv2d, Ctx, Geom, GroupNorm, Linear, MaxPool, ParamKind, ParamStore, RowPlan, Upsample,
 };
 use bb_tasks::io::{safetensors_bytes, TensorFile};
 use bb_tasks::model::contiguous_cross_entropy;
@@ -841,4 +841,18 @@ fn sigmoid_batch_major_transposes_and_squashes() {
         &[s(0.0), s(2.0), s(1.0), s(-2.0), s(-1.0), s(30.0)]
     );
     assert_eq!(out[6], 9.0, "values past B * F untouched");
+}
+
+#[test]
+fn targets_of_chosen_items_are_their_labels_channel_major() {
+    // 4 items of 3 labels each
+    let labels: Vec<u8> = vec![1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 1];
+    let idx = [2, 0, 3];
+    let picked: Vec<f32> = idx
+        .iter()
+        .flat_map(|&k| labels[3 * k..3 * k + 3].iter().map(|&l| l as f32))
+        .collect();
+    let want = to_channel_major(&picked, 3, 3).unwrap();
+    assert_eq!(channel_major_targets(&labels, 3, &idx), want);
+    assert_eq!(want[..3], [1.0, 1.0, 0.0], "first label of items 2, 0, 3");
 }

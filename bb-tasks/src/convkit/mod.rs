@@ -69,6 +69,19 @@ pub fn to_batch_major(x: &[f32], features: usize, batch: usize) -> Result<Vec<f3
     to_channel_major(x, features, batch)
 }
 
+/// The 0/1 labels of items `idx` (each `per_item` values in `labels`, item after item) as a
+/// channel-major `[per_item, idx.len()]` target.
+pub fn channel_major_targets(labels: &[u8], per_item: usize, idx: &[usize]) -> Vec<f32> {
+    let b = idx.len();
+    let mut target = vec![0f32; per_item * b];
+    for (i, &k) in idx.iter().enumerate() {
+        for (j, &l) in labels[k * per_item..(k + 1) * per_item].iter().enumerate() {
+            target[j * b + i] = l as f32;
+        }
+    }
+    target
+}
+
 /// The logistic sigmoid of channel-major logits `z` (`[F, B]`), written batch-major into the
 /// first `B * F` values of `out` (`out[b * F + f]`).
 pub fn sigmoid_batch_major(z: &[f32], batch: usize, out: &mut [f32]) {
