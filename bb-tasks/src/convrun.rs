@@ -27,9 +27,10 @@
 //! `metrics.jsonl`, `refreshes.jsonl`, `checkpoints/` and `final.json`), and once every run
 //! is done `results.json` and `report.md`.
 
+use crate::checkpoint::{latest_checkpoint, write_checkpoint};
 use crate::config::{merge_tables, TrainConfig};
 use crate::convkit::{engine, Ctx, ParamId, ParamStore, Tap};
-use crate::io::{safetensors_bytes, write_atomic, NamedTensor, TensorFile};
+use crate::io::{write_atomic, write_jsonl, TensorFile};
 use crate::measure::{balance_fit, binary_entropy_bits, decorrelation, BalanceFit};
 use crate::optim::Optimizer;
 use crate::stats::{mean_ci95, Interval, Verdict};
@@ -462,34 +463,6 @@ struct RunState {
     cpu_s: Option<f64>,
 }
 
-const LATEST: &str = "LATEST";
-
-fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
-    let root = dir.join("checkpoints");
-    let p = root.join(LATEST);
-    if !p.exists() {
-        return Ok(None);
-    }
-    let name = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let c = root.join(name.trim());
-    ensure!(
-        c.is_dir(),
-        "{} names {}, which does not exist",
-        p.display(),
-        c.display()
-    );
-    Ok(Some(c))
-}
-
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut s = String::new();
-    for r in rows {
-        s.push_str(&serde_json::to_string(r)?);
-        s.push('\n');
-    }
-    write_atomic(path, s.as_bytes())
-}
-
 fn save_checkpoint(
     dir: &Path,
     store: &ParamStore,
@@ -497,57 +470,19 @@ fn save_checkpoint(
     pruner: Option<&Pruner>,
     state: &RunState,
 ) -> Result<()> {
-    let root = dir.join("checkpoints");
-    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let name = format!("epoch-{:04}", state.epoch);
-    let tmp = root.join(format!("{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir_all(&tmp)?;
     let meta = HashMap::from([(
         "checkpoint".to_string(),
         serde_json::json!({ "epoch": state.epoch, "step": state.step }).to_string(),
     )]);
-    write_atomic(
-        &tmp.join("model.safetensors"),
-        &safetensors_bytes(&store.to_named(), &meta)?,
-    )?;
-    let opt_tensors: Vec<NamedTensor> = opt
-        .state_buffers()
-        .into_iter()
-        .map(|(name, d)| NamedTensor {
-            name,
-            shape: vec![d.len()],
-            data: d.to_vec(),
-        })
-        .collect();
-    write_atomic(
-        &tmp.join("optimizer.safetensors"),
-        &safetensors_bytes(&opt_tensors, &meta)?,
-    )?;
-    if let Some(p) = pruner {
-        let json = p.to_json().map_err(|e| anyhow!("pruner state: {e}"))?;
-        write_atomic(&tmp.join("pruner.json"), json.as_bytes())?;
-    }
-    write_atomic(
-        &tmp.join("state.json"),
-        serde_json::to_string(state)?.as_bytes(),
-    )?;
-    let dst = root.join(&name);
-    if dst.exists() {
-        fs::remove_dir_all(&dst)?;
-    }
-    fs::rename(&tmp, &dst)
-        .with_context(|| format!("cannot move checkpoint to {}", dst.display()))?;
-    write_atomic(&root.join(LATEST), name.as_bytes())?;
-    for e in fs::read_dir(&root)? {
-        let e = e?;
-        if e.path().is_dir() && e.file_name().to_string_lossy() != name {
-            fs::remove_dir_all(e.path())?;
-        }
-    }
-    Ok(())
+    write_checkpoint(
+        dir,
+        state.epoch,
+        &store.to_named(),
+        &meta,
+        opt,
+        pruner,
+        state,
+    )
 }
 
 /// How a run is driven.

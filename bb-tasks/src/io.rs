@@ -32,6 +32,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     res.with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes `rows` to `path` atomically as JSON lines, one row a line.
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&serde_json::to_string(r)?);
+        s.push('\n');
+    }
+    write_atomic(path, s.as_bytes())
+}
+
 /// A named f32 tensor with its shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {

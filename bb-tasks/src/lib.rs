@@ -2,6 +2,7 @@
 //! front ends of the `bb` program. This is the only crate of the workspace that knows dfdx.
 
 pub mod changedet;
+pub mod checkpoint;
 pub mod cli_bench;
 pub mod cli_conv;
 pub mod cli_export;

@@ -10,9 +10,11 @@
 //! A run folder holds `metrics.jsonl` (one line per epoch), `refreshes.jsonl` (one line per
 //! refresh), `checkpoints/` and, once finished, `final.json`.
 
+use crate::checkpoint::write_checkpoint;
 use crate::config::RunSpec;
 use crate::data::{Dataset, Split};
-use crate::io::{safetensors_bytes, write_atomic, NamedTensor, TensorFile};
+use crate::io::write_jsonl;
+use crate::io::{write_atomic, NamedTensor, TensorFile};
 use crate::measure::{self, GroupTraffic, LayerStats, PopulationStats};
 use crate::model::Mlp;
 use crate::optim::Optimizer;
@@ -26,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Metrics of one epoch (a line of `metrics.jsonl`).
@@ -132,28 +134,7 @@ pub enum RunOutcome {
 }
 
 /// The checkpoint folder's pointer file.
-const LATEST: &str = "LATEST";
-
-fn ckpt_root(dir: &Path) -> PathBuf {
-    dir.join("checkpoints")
-}
-
-/// Path of the latest complete checkpoint of a run folder, if any.
-pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
-    let p = ckpt_root(dir).join(LATEST);
-    if !p.exists() {
-        return Ok(None);
-    }
-    let name = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let c = ckpt_root(dir).join(name.trim());
-    ensure!(
-        c.is_dir(),
-        "{} names {}, which does not exist",
-        p.display(),
-        c.display()
-    );
-    Ok(Some(c))
-}
+pub use crate::checkpoint::latest_checkpoint;
 
 /// Loads the final pruner of a finished or checkpointed run (for comparisons).
 pub fn load_pruner(checkpoint: &Path) -> Result<Option<Pruner>> {
@@ -253,15 +234,6 @@ fn evaluate<D: Device<f32>>(
     })
 }
 
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut s = String::new();
-    for r in rows {
-        s.push_str(&serde_json::to_string(r)?);
-        s.push('\n');
-    }
-    write_atomic(path, s.as_bytes())
-}
-
 fn save_checkpoint<D: Device<f32>>(
     dir: &Path,
     model: &Mlp<D>,
@@ -269,14 +241,6 @@ fn save_checkpoint<D: Device<f32>>(
     pruner: Option<&Pruner>,
     state: &TrainState,
 ) -> Result<()> {
-    let root = ckpt_root(dir);
-    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let name = format!("epoch-{:04}", state.epoch);
-    let tmp = root.join(format!("{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir_all(&tmp)?;
     // one metadata key, so the file's bytes do not depend on hash-map order
     let meta = HashMap::from([(
         "checkpoint".to_string(),
@@ -301,47 +265,7 @@ fn save_checkpoint<D: Device<f32>>(
             data: model.bias(l).to_vec(),
         });
     }
-    write_atomic(
-        &tmp.join("model.safetensors"),
-        &safetensors_bytes(&tensors, &meta)?,
-    )?;
-    let opt_tensors: Vec<NamedTensor> = opt
-        .state_buffers()
-        .into_iter()
-        .map(|(name, d)| NamedTensor {
-            name,
-            shape: vec![d.len()],
-            data: d.to_vec(),
-        })
-        .collect();
-    write_atomic(
-        &tmp.join("optimizer.safetensors"),
-        &safetensors_bytes(&opt_tensors, &meta)?,
-    )?;
-    if let Some(p) = pruner {
-        let json = p.to_json().map_err(|e| anyhow!("pruner state: {e}"))?;
-        write_atomic(&tmp.join("pruner.json"), json.as_bytes())?;
-    }
-    write_atomic(
-        &tmp.join("state.json"),
-        serde_json::to_string(state)?.as_bytes(),
-    )?;
-    let dst = root.join(&name);
-    if dst.exists() {
-        fs::remove_dir_all(&dst)?;
-    }
-    fs::rename(&tmp, &dst)
-        .with_context(|| format!("cannot move checkpoint to {}", dst.display()))?;
-    write_atomic(&root.join(LATEST), name.as_bytes())?;
-    // keep only the latest checkpoint
-    for e in fs::read_dir(&root)? {
-        let e = e?;
-        let n = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_dir() && n != name {
-            fs::remove_dir_all(e.path())?;
-        }
-    }
-    Ok(())
+    write_checkpoint(dir, state.epoch, &tensors, &meta, opt, pruner, state)
 }
 
 /// Trains one run in `dir` (created if needed), resuming from its latest checkpoint if there is
