@@ -954,8 +954,7 @@ impl ChangeDetTask {
         let mut prob = vec![0f32; n * px];
         let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |start, idx, ctx| {
             let z = m.forward(st, self.batch_input(p, idx)?, ctx)?.as_vec(); // (px, b)
-            crate::convkit::sigmoid_batch_major(&z, idx.len(), &mut prob[start * px..]);
-            Ok(())
+            crate::convkit::sigmoid_batch_major(&z, px, idx.len(), &mut prob[start * px..])
         })?;
         Ok((prob, taps))
     }

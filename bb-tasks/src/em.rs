@@ -964,8 +964,7 @@ impl EmTask {
         let mut prob = vec![0f32; n * vox];
         let taps = Ctx::eval_in_chunks(n, EVAL_CHUNK, tap, |start, idx, ctx| {
             let z = m.forward(st, self.batch_input(v, idx)?, ctx)?.as_vec();
-            crate::convkit::sigmoid_batch_major(&z, idx.len(), &mut prob[start * vox..]);
-            Ok(())
+            crate::convkit::sigmoid_batch_major(&z, vox, idx.len(), &mut prob[start * vox..])
         })?;
         Ok((prob, taps))
     }

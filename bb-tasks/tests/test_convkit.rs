@@ -834,13 +834,17 @@ fn sigmoid_batch_major_transposes_and_squashes() {
     // [F = 2, B = 3] channel-major
     let z = [0.0f32, 1.0, -1.0, 2.0, -2.0, 30.0];
     let mut out = vec![9.0f32; 7];
-    sigmoid_batch_major(&z, 3, &mut out);
+    sigmoid_batch_major(&z, 2, 3, &mut out).unwrap();
     let s = |v: f32| 1.0 / (1.0 + (-v).exp());
     assert_eq!(
         &out[..6],
         &[s(0.0), s(2.0), s(1.0), s(-2.0), s(-1.0), s(30.0)]
     );
     assert_eq!(out[6], 9.0, "values past B * F untouched");
+    // logits that do not match the shape, or no room for them: errors
+    assert!(sigmoid_batch_major(&z, 4, 3, &mut out).is_err());
+    assert!(sigmoid_batch_major(&z, 2, 3, &mut out[..5]).is_err());
+    assert!(sigmoid_batch_major(&[], 0, 0, &mut out).is_err());
 }
 
 #[test]

@@ -84,13 +84,24 @@ pub fn channel_major_targets(labels: &[u8], per_item: usize, idx: &[usize]) -> V
 
 /// The logistic sigmoid of channel-major logits `z` (`[F, B]`), written batch-major into the
 /// first `B * F` values of `out` (`out[b * F + f]`).
-pub fn sigmoid_batch_major(z: &[f32], batch: usize, out: &mut [f32]) {
-    let features = z.len() / batch.max(1);
-    for (f, row) in z.chunks_exact(batch.max(1)).enumerate() {
+pub fn sigmoid_batch_major(
+    z: &[f32],
+    features: usize,
+    batch: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    ensure!(
+        batch > 0 && z.len() == features * batch && out.len() >= z.len(),
+        "logits have {} values, expected {features} x batch {batch}, into room for {}",
+        z.len(),
+        out.len()
+    );
+    for (f, row) in z.chunks_exact(batch).enumerate() {
         for (b, &v) in row.iter().enumerate() {
             out[b * features + f] = 1.0 / (1.0 + (-v).exp());
         }
     }
+    Ok(())
 }
 
 /// A channel-major input tensor from samples stored one after the other (`[B, F]`).
